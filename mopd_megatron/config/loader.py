@@ -1,0 +1,177 @@
+"""Recipe YAML -> MOPDConfig, with ``--set a.b=c`` overrides and file:line in every error."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from .base import ConfigError, close_matches, from_data
+from .recipe import MOPDConfig
+
+__all__ = ["load_recipe", "config_from_dict", "parse_override", "RecipeLoader"]
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-5`` as a float (YAML 1.1 insists on ``1.0e-5``, which
+    would turn a learning rate into a string)."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _marks(node: yaml.Node, path: str, out: dict[str, int], fname: str) -> None:
+    """Record the 1-based line of every key/item path; refuse duplicate keys (PyYAML keeps the
+    last one silently, which hides typos in long recipes)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, val_node in node.value:
+            key = str(key_node.value)
+            sub = f"{path}.{key}" if path else key
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(sub, key, f"duplicate key (first at line {seen[key]})", f"{fname}:{line}")
+            seen[key] = line
+            out[sub] = line
+            _marks(val_node, sub, out, fname)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            sub = f"{path}[{i}]"
+            out[sub] = item.start_mark.line + 1
+            _marks(item, sub, out, fname)
+
+
+def _split_path(path: str) -> list[str]:
+    """'teachers[0].checkpoint' or 'teachers.0.checkpoint' -> ['teachers', '0', 'checkpoint']."""
+    return [p for p in re.sub(r"\[(\d+)\]", r".\1", path).split(".") if p != ""]
+
+
+def _join_path(parts: list[str]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=c' -> ('a.b', c typed as a YAML scalar/flow value: 3 -> int, [1, 2] -> list)."""
+    if "=" not in text:
+        raise ConfigError("", text, f"override {text!r} must look like section.field=value", "--set")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError("", text, f"override {text!r} has no field path", "--set")
+    try:
+        value = yaml.load(raw, Loader=RecipeLoader) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(key, raw, f"value is not valid YAML ({e.problem})", f"--set {text}") from None
+    return key, value
+
+
+def _apply_override(data: dict, key: str, value: Any, origin: str) -> str:
+    """Set ``key`` in the raw recipe data, checking each path part against the schema."""
+    parts = _split_path(key)
+    tp: Any = MOPDConfig
+    node: Any = data
+    for depth, part in enumerate(parts):
+        here = _join_path(parts[: depth + 1])
+        last = depth == len(parts) - 1
+        tp = _unwrap_optional(tp)
+        origin_tp = typing.get_origin(tp)
+        if dataclasses.is_dataclass(tp):
+            names = [f.name for f in dataclasses.fields(tp)]
+            if part not in names:
+                raise ConfigError(here, value, "unknown field" + close_matches(part, names), origin)
+            tp = typing.get_type_hints(tp)[part]
+            slot: Any = part
+        elif origin_tp is list:
+            if not part.isdigit():
+                raise ConfigError(here, value, "list index must be a number", origin)
+            if not isinstance(node, list) or int(part) >= len(node):
+                size = len(node) if isinstance(node, list) else 0
+                raise ConfigError(here, value, f"index out of range (the recipe has {size} items)", origin)
+            tp = typing.get_args(tp)[0]
+            slot = int(part)
+        elif origin_tp is dict or tp is Any:
+            args = typing.get_args(tp)
+            tp = args[1] if args else Any
+            slot = part
+        else:
+            raise ConfigError(here, value, f"{_join_path(parts[:depth])} is a value, not a section", origin)
+        if last:
+            node[slot] = value
+        else:
+            if isinstance(node, dict) and (slot not in node or node[slot] is None):
+                node[slot] = [] if typing.get_origin(_unwrap_optional(tp)) is list else {}
+            node = node[slot]
+    return _join_path(parts)
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0] if len(rest) == 1 else tp
+    return tp
+
+
+def config_from_dict(data: dict, overrides: Iterable[str] = (), source: str = "<dict>",
+                     lines: dict[str, int] | None = None) -> MOPDConfig:
+    """Build an MOPDConfig from plain data plus overrides. Section checks run; call
+    ``validate()`` for the cross-section checks."""
+    data = dict(data or {})
+    lines = lines or {}
+    overridden: dict[str, str] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        path = _apply_override(data, key, value, f"--set {text}")
+        overridden[path] = f"--set {text}"
+
+    def locate(path: str) -> str:
+        # The nearest recorded ancestor: an override, else the recipe line of the key.
+        probe = path
+        while probe:
+            if probe in overridden:
+                return overridden[probe]
+            if probe in lines:
+                return f"{source}:{lines[probe]}"
+            probe = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", probe)
+        return source
+
+    return from_data(MOPDConfig, data, "", locate)
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> MOPDConfig:
+    """Read a recipe YAML, apply ``--set`` overrides, build and section-check the config.
+
+    Errors are ConfigError naming the field path, the value, and ``file:line`` (or ``--set``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", str(path), f"recipe file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    fname = str(path)
+    try:
+        root = yaml.compose(text, Loader=RecipeLoader)
+        data = yaml.load(text, Loader=RecipeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{fname}:{mark.line + 1}" if mark is not None else fname
+        raise ConfigError("", None, f"not valid YAML: {getattr(e, 'problem', e)}", where) from None
+    lines: dict[str, int] = {}
+    if root is not None:
+        _marks(root, "", lines, fname)
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError("", None, "a recipe is a mapping of sections (model, data, ...)", fname)
+    return config_from_dict(data or {}, overrides, fname, lines)

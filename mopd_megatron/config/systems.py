@@ -1,0 +1,106 @@
+"""Where things run: the rollout engine and the training parallel layout."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from .base import check, doc
+
+__all__ = ["RolloutConfig", "ParallelConfig"]
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling y ~ mu with log mu(y_t) from SGLang engines."""
+
+    SECTION: ClassVar[str] = "rollout"
+
+    engine: Literal["sglang"] = doc("sglang", "Rollout engine implementation.")
+    mode: Literal["colocated", "dedicated", "external"] = doc(
+        "colocated", "colocated: engines share the training GPUs and alternate with training; "
+                     "dedicated: engines on their own nodes; external: already-running servers "
+                     "at rollout.external_urls.")
+    external_urls: list[str] = doc(help="Server base URLs for mode=external (http://host:port).",
+                                   factory=list)
+    num_engines: int = doc(1, "Engine servers to launch (dedicated mode); colocated launches one "
+                              "per rollout.server_tp_size training GPUs.")
+    n_samples_per_prompt: int = doc(8, "Responses sampled per prompt (the GRPO group size).")
+    temperature: float = doc(1.0, "Sampling temperature; log mu and log pi_theta are both taken at "
+                                  "this temperature.")
+    top_p: float = doc(1.0, "Nucleus sampling mass (1 disables).")
+    top_k: int = doc(-1, "Top-k sampling (-1 disables).")
+    max_new_tokens: int = doc(1024, "Maximum response length in tokens.")
+    concurrency: int = doc(256, "In-flight generate requests per engine.")
+    request_timeout_s: float = doc(600.0, "Timeout of one generate request.")
+    startup_timeout_s: float = doc(600.0, "Time allowed for an engine to become healthy.")
+    server_tp_size: int = doc(1, "Tensor-parallel size of each SGLang server.")
+    mem_fraction_static: float = doc(0.6, "SGLang's static GPU memory fraction (weights + KV cache).")
+    host: str = doc("127.0.0.1", "Address launched servers bind to.")
+    base_port: int = doc(30000, "First port for launched servers (one port per engine).")
+    router: bool = doc(False, "Put sglang-router in front of the engines.")
+    router_port: int = doc(30100, "Port of the router when rollout.router is true.")
+    parity_tolerance: float = doc(
+        0.05, "Start-up probe: max allowed mean |log mu - log pi_theta| per token (nats) on a "
+              "probe batch; larger means the engine and trainer disagree (weights, dtype, template).")
+    weight_sync_bucket_mib: int = doc(512, "Size of a weight-sync bucket in MiB.")
+
+    def __post_init__(self):
+        if self.mode == "external":
+            check(len(self.external_urls) > 0, self, "external_urls", "mode=external needs server URLs")
+        else:
+            check(len(self.external_urls) == 0, self, "external_urls",
+                  f"only used with mode=external (mode is {self.mode!r})")
+        check(self.num_engines >= 1, self, "num_engines", "must be >= 1")
+        check(self.n_samples_per_prompt >= 1, self, "n_samples_per_prompt", "must be >= 1")
+        check(self.temperature > 0, self, "temperature", "must be > 0 (on-policy sampling needs a "
+              "proper distribution mu)")
+        check(0 < self.top_p <= 1, self, "top_p", "must be in (0, 1]")
+        check(self.top_k == -1 or self.top_k >= 1, self, "top_k", "must be -1 or >= 1")
+        check(self.max_new_tokens >= 1, self, "max_new_tokens", "must be >= 1")
+        check(self.concurrency >= 1, self, "concurrency", "must be >= 1")
+        check(self.request_timeout_s > 0, self, "request_timeout_s", "must be > 0")
+        check(self.startup_timeout_s > 0, self, "startup_timeout_s", "must be > 0")
+        check(self.server_tp_size >= 1, self, "server_tp_size", "must be >= 1")
+        check(0 < self.mem_fraction_static < 1, self, "mem_fraction_static", "must be in (0, 1)")
+        check(1 <= self.base_port <= 65535, self, "base_port", "must be a TCP port")
+        check(1 <= self.router_port <= 65535, self, "router_port", "must be a TCP port")
+        check(self.parity_tolerance > 0, self, "parity_tolerance", "must be > 0")
+        check(self.weight_sync_bucket_mib >= 1, self, "weight_sync_bucket_mib", "must be >= 1")
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron parallel layout of student and teachers. DP = world_size / (tp * pp)."""
+
+    SECTION: ClassVar[str] = "parallel"
+
+    tp: int = doc(1, "Tensor-parallel size.")
+    pp: int = doc(1, "Pipeline-parallel size.")
+    vpp: int | None = doc(None, "Virtual pipeline stages per rank (interleaved schedule); null = off.")
+    micro_batch_size: int = doc(1, "Sequences per micro-batch.")
+    global_batch_size: int = doc(64, "Sequences per optimizer step, over all data-parallel ranks.")
+    sequence_parallel: bool = doc(False, "Megatron sequence parallelism (needs tp > 1 and "
+                                         "Transformer Engine norms).")
+    recompute: Literal["none", "selective", "full"] = doc("none", "Activation recomputation.")
+    overlap_p2p_comm: bool = doc(True, "Overlap pipeline send/recv with compute; required with vpp.")
+
+    def __post_init__(self):
+        check(self.tp >= 1, self, "tp", "must be >= 1")
+        check(self.pp >= 1, self, "pp", "must be >= 1")
+        if self.vpp is not None:
+            check(self.vpp >= 2, self, "vpp", "must be >= 2 or null")
+            check(self.pp >= 2, self, "pp", "parallel.vpp needs pp >= 2")
+            # Measured on megatron-core 0.16 (ENVIRONMENT.md): the interleaved schedule with
+            # overlap_p2p_comm=False gives silently wrong losses; Megatron-LM's argument checks
+            # forbid the combination, megatron-core does not.
+            check(self.overlap_p2p_comm, self, "overlap_p2p_comm",
+                  "parallel.vpp requires overlap_p2p_comm=true (the interleaved schedule without "
+                  "it gives wrong results in megatron-core)")
+        check(self.micro_batch_size >= 1, self, "micro_batch_size", "must be >= 1")
+        check(self.global_batch_size >= 1, self, "global_batch_size", "must be >= 1")
+        check(self.global_batch_size % self.micro_batch_size == 0, self, "global_batch_size",
+              f"must be divisible by parallel.micro_batch_size={self.micro_batch_size}")
+        check(not self.sequence_parallel or self.tp > 1, self, "sequence_parallel", "needs parallel.tp > 1")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.tp * self.pp)
