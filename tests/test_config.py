@@ -224,4 +224,4 @@ def test_every_field_is_documented():
     undocumented = [path for path, _, _, help_ in rows if not help_.strip()]
     assert undocumented == []
     paths = {r[0] for r in rows}
-    assert {"loss.eps_low", "teachers[].offload", "model.fp8.recipe", "reward.verifiers[].type"} <= paths
+    assert {"loss.eps_low", "teachers[].offload", "model.fp8.recipe", "reward.verifiers.<key>.type"} <= paths

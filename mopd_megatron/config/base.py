@@ -61,7 +61,8 @@ def field_docs(cls: type, prefix: str | None = None) -> list[tuple[str, str, Any
         tp = hints[f.name]
         inner = _dataclass_in(tp)
         if inner is not None:
-            rows += field_docs(inner, path + ("[]" if typing.get_origin(tp) is list else ""))
+            suffix = {list: "[]", dict: ".<key>"}.get(typing.get_origin(tp), "")
+            rows += field_docs(inner, path + suffix)
             continue
         default = (f.default if f.default is not dataclasses.MISSING else
                    f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
