@@ -225,3 +225,24 @@ def test_every_field_is_documented():
     assert undocumented == []
     paths = {r[0] for r in rows}
     assert {"loss.eps_low", "teachers[].offload", "model.fp8.recipe", "reward.verifiers.<key>.type"} <= paths
+
+
+def test_validate_errors_point_at_the_recipe_line(tmp_path):
+    text = BASE.replace("{math: 1.0, code: 2.0}", "{math: 1.0, code: 2.0, chat: 1.0}")
+    cfg = load_recipe(write(tmp_path, text))
+    with pytest.raises(ConfigError) as e:
+        cfg.validate(check_paths=False)
+    assert str(e.value).startswith(f"{tmp_path / 'recipe.yaml'}:{line_of(text, 'chat: 1.0')}: "
+                                   "data.domain_weights.chat=1.0: domain 'chat' has no teacher")
+    with pytest.raises(ConfigError, match=r"^--set train.async_rollout=true: train.async_rollout=True"):
+        load_recipe(write(tmp_path, BASE), ["train.async_rollout=true"]).validate(check_paths=False)
+
+
+def test_loaded_config_pickles_and_overrides_copy_input():
+    import pickle
+    cfg = load_recipe(TINY)
+    again = pickle.loads(pickle.dumps(cfg))  # the trainer ships it to spawned ranks
+    assert again == cfg
+    data = yaml.safe_load(BASE)
+    config_from_dict(data, ["train.steps=3", "model.fp8.enabled=false"])
+    assert "steps" not in data["train"] and "fp8" not in data["model"]

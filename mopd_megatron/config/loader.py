@@ -1,6 +1,7 @@
 """Recipe YAML -> MOPDConfig, with ``--set a.b=c`` overrides and file:line in every error."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -126,11 +127,28 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-def config_from_dict(data: dict, overrides: Iterable[str] = (), source: str = "<dict>",
+class _Locator:
+    """path -> 'file:line' (or the ``--set`` that set it) of the nearest recorded ancestor."""
+
+    def __init__(self, source: str | None, lines: dict[str, int], overridden: dict[str, str]):
+        self.source, self.lines, self.overridden = source, lines, overridden
+
+    def __call__(self, path: str) -> str | None:
+        probe = path
+        while probe:
+            if probe in self.overridden:
+                return self.overridden[probe]
+            if probe in self.lines:
+                return f"{self.source}:{self.lines[probe]}"
+            probe = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", probe)
+        return self.source
+
+
+def config_from_dict(data: dict, overrides: Iterable[str] = (), source: str | None = None,
                      lines: dict[str, int] | None = None) -> MOPDConfig:
     """Build an MOPDConfig from plain data plus overrides. Section checks run; call
     ``validate()`` for the cross-section checks."""
-    data = dict(data or {})
+    data = copy.deepcopy(dict(data or {}))  # overrides must not edit the caller's dict
     lines = lines or {}
     overridden: dict[str, str] = {}
     for text in overrides:
@@ -138,18 +156,10 @@ def config_from_dict(data: dict, overrides: Iterable[str] = (), source: str = "<
         path = _apply_override(data, key, value, f"--set {text}")
         overridden[path] = f"--set {text}"
 
-    def locate(path: str) -> str:
-        # The nearest recorded ancestor: an override, else the recipe line of the key.
-        probe = path
-        while probe:
-            if probe in overridden:
-                return overridden[probe]
-            if probe in lines:
-                return f"{source}:{lines[probe]}"
-            probe = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", probe)
-        return source
-
-    return from_data(MOPDConfig, data, "", locate)
+    locate = _Locator(source, lines, overridden)
+    cfg = from_data(MOPDConfig, data, "", locate)
+    cfg._locate = locate  # not a field (picklable): lets validate() name file:line too
+    return cfg
 
 
 def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> MOPDConfig:

@@ -61,6 +61,15 @@ class MOPDConfig:
         input files exist (off for validating a cluster recipe on a laptop); ``check_imports``
         refuses features whose GPU libraries are missing (FP8 without Transformer Engine).
         """
+        try:
+            self._validate(world_size, check_paths, check_imports)
+        except ConfigError as e:
+            # Point at the recipe line (or --set) of the field when the config came from a file.
+            locate = getattr(self, "_locate", None)
+            raise e.located(locate(e.path) if locate else None) from None
+        return self
+
+    def _validate(self, world_size: int | None, check_paths: bool, check_imports: bool) -> None:
         self._check_domains()
         self._check_batches(world_size)
         if self.train.async_rollout and self.rollout.mode == "colocated":
@@ -71,7 +80,6 @@ class MOPDConfig:
                               "not installed (pip install transformer-engine[pytorch])")
         if check_paths:
             self._check_paths()
-        return self
 
     def _check_domains(self) -> None:
         domains = self.domains
