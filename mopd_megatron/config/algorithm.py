@@ -40,6 +40,7 @@ class DataConfig:
                 raise ConfigError(f"data.domain_weights.{dom}", w, "weights must be > 0 "
                                   "(drop the domain instead of giving it weight 0)")
         check(self.max_prompt_len > 0, self, "max_prompt_len", "must be > 0")
+        check(self.seed >= 0, self, "seed", "must be >= 0")
 
 
 @dataclass

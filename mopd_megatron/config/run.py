@@ -25,6 +25,7 @@ class TrainConfig:
     def __post_init__(self):
         check(self.steps >= 1, self, "steps", "must be >= 1")
         check(self.prompts_per_step >= 1, self, "prompts_per_step", "must be >= 1")
+        check(self.seed >= 0, self, "seed", "must be >= 0")
 
 
 @dataclass
