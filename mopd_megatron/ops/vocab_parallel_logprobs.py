@@ -37,8 +37,10 @@ import torch
 import torch.distributed as dist
 
 BACKENDS = ("auto", "triton", "torch")
-# Reference path: at most this many fp32 elements per chunk buffer (2 buffers live at once).
-_CHUNK_ELEMS = 1 << 22  # 16 MiB of fp32
+# Reference path: fp32 elements per chunk buffer (at most 2 live at once). On CPU a cache-sized
+# chunk keeps the 4-5 elementwise passes in L2 (measured 1.4x faster than 16 MiB chunks at
+# V=152064); on GPU larger chunks amortise the per-chunk kernel launches.
+_CHUNK_ELEMS = {"cpu": 1 << 18, "cuda": 1 << 24}  # 1 MiB / 64 MiB of fp32
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -127,8 +129,9 @@ def _grad_triton(logits, targets, lse, g, vocab_start, out, block_v):
 
 
 # ------------------------------------------------------------------- PyTorch reference steps
-def _chunk_rows(T: int, V: int, chunk_tokens: int | None) -> int:
-    return max(1, chunk_tokens or _CHUNK_ELEMS // max(V, 1))
+def _chunk_rows(logits: torch.Tensor, chunk_tokens: int | None) -> int:
+    elems = _CHUNK_ELEMS.get(logits.device.type, _CHUNK_ELEMS["cuda"])
+    return max(1, chunk_tokens or elems // max(logits.shape[1], 1))
 
 
 def _shard_stats_torch(logits, want_entropy, chunk_tokens):
@@ -136,12 +139,12 @@ def _shard_stats_torch(logits, want_entropy, chunk_tokens):
     T, V = logits.shape
     m = torch.empty(T, dtype=torch.float32, device=logits.device)
     s, u = torch.empty_like(m), (torch.empty_like(m) if want_entropy else None)
-    step = _chunk_rows(T, V, chunk_tokens)
+    step = _chunk_rows(logits, chunk_tokens)
     for i in range(0, T, step):
         x = logits[i:i + step]  # [c, Vl] in the caller's dtype
         m_c = x.amax(dim=1).float()  # [c]
         sh = x.to(torch.float32, copy=True).sub_(m_c[:, None])  # [c, Vl] fp32: x - m
-        e = sh.exp()  # [c, Vl] fp32, the one softmax-sized buffer
+        e = sh.exp() if want_entropy else sh.exp_()  # entropy needs x - m kept as well
         m[i:i + step], s[i:i + step] = m_c, e.sum(dim=1)
         if want_entropy:
             # exp(-inf) * (-inf) would be NaN for -inf logits; those terms are 0.
@@ -152,7 +155,7 @@ def _shard_stats_torch(logits, want_entropy, chunk_tokens):
 def _grad_torch(logits, targets, lse, g, vocab_start, out, chunk_tokens):
     """Steps 5-6 in fp32 token chunks; ``out`` may be ``logits`` itself."""
     T, V = logits.shape
-    step = _chunk_rows(T, V, chunk_tokens)
+    step = _chunk_rows(logits, chunk_tokens)
     for i in range(0, T, step):
         x = logits[i:i + step]
         g_c = g[i:i + step]
