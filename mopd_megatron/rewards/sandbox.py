@@ -59,7 +59,9 @@ class SandboxConfig:
     uid_base: int = 2_000_000_000
     """Each run uses a random uid in [uid_base, uid_base + 2**20): RLIMIT_NPROC counts per uid,
     so concurrent runs (and other users' processes) do not share one process budget."""
-    nice: int = 10
+    nice: int = 0
+    """Niceness of the program. 0 by default: rewards are on the training step's critical path,
+    and under CPU contention a positive value slows runs by an order of magnitude."""
 
     def __post_init__(self):
         for name in ("wall_time_s", "cpu_time_s", "memory_mb", "max_processes", "max_file_mb",
