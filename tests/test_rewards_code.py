@@ -134,9 +134,21 @@ def test_config_errors_name_the_field():
         CodeVerifier(mode="most")
     with pytest.raises(ValueError, match="SandboxConfig.memory_mb"):
         SandboxConfig(memory_mb=0)
+    with pytest.raises(ValueError, match="SandboxConfig.python: '/nonexistent/python'"):
+        SandboxConfig(python="/nonexistent/python")
 
 
 @needs_isolation
 def test_missing_tests_field_names_it(verifier):
     with pytest.raises(KeyError, match="'tests'"):
         verifier.score(ADD, {"test_cases": ADD_TESTS})
+
+
+@needs_isolation
+def test_concurrent_runs_do_not_mix():
+    from concurrent.futures import ThreadPoolExecutor
+    cfg = SandboxConfig(**LIMITS)
+    program = "import os, sys\nx = int(sys.stdin.read())\nprint(x * x, len(os.listdir('.')))"
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda k: run_program(program, str(k), cfg), range(8)))
+    assert [r.stdout.decode().split() for r in results] == [[str(k * k), "1"] for k in range(8)]

@@ -69,6 +69,8 @@ class SandboxConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"SandboxConfig.{name} must be a positive number, got {value!r}")
+        if self.python is not None and not os.access(self.python, os.X_OK):
+            raise ValueError(f"SandboxConfig.python: {self.python!r} is not an executable file")
 
 
 @dataclasses.dataclass
