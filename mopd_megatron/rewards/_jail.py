@@ -202,6 +202,7 @@ def main():
                 os.chown(path, spec["uid"], spec["uid"])
         _run_and_reap(spec, status_fd, drop_privileges=drop)
         os.killpg(os.getpgrp(), signal.SIGKILL)  # takes stragglers (and us) down together
+        os._exit(0)  # not reached; never fall through to the namespace path
     flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
     try:
         _check(_libc.unshare(flags), "unshare(mount|net|pid|ipc|uts)")
