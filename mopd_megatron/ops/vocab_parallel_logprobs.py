@@ -163,8 +163,10 @@ def _grad_torch(logits, targets, lse, g, vocab_start, out, chunk_tokens):
         grad = p.mul_(-g_c[:, None])  # -g * p
         local = targets[i:i + step] - vocab_start
         inside = (local >= 0) & (local < V)
-        rows = torch.nonzero(inside).squeeze(1)
-        grad[rows, local[rows]] += g_c[rows]  # + g * onehot(y) where y is on this rank
+        # + g * onehot(y) where y is on this rank (adds 0 to a clamped column elsewhere; no
+        # data-dependent shapes, so no host sync on GPU)
+        grad.scatter_add_(1, local.clamp(0, V - 1)[:, None],
+                          torch.where(inside, g_c, 0.0)[:, None])
         out[i:i + step].copy_(grad)
 
 
