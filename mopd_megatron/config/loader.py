@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -162,6 +163,33 @@ def config_from_dict(data: dict, overrides: Iterable[str] = (), source: str | No
     return cfg
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(node: Any, path: str, lines: dict[str, int], fname: str) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in the recipe's strings (cluster paths such as
+    ``${MOPD_DATA}/math.jsonl``); an unset variable without a default is an error naming the
+    field and line. Only recipe files are expanded: ``--set`` values come from a shell already."""
+    if isinstance(node, dict):
+        return {k: _expand_env(v, f"{path}.{k}" if path else str(k), lines, fname)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v, f"{path}[{i}]", lines, fname) for i, v in enumerate(node)]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        where = f"{fname}:{lines[path]}" if path in lines else fname
+        raise ConfigError(path, node, f"environment variable {name} is not set (export it, or "
+                          f"write ${{{name}:-default}} in the recipe)", where)
+    return _ENV_REF.sub(sub, node)
+
+
 def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> MOPDConfig:
     """Read a recipe YAML, apply ``--set`` overrides, build and section-check the config.
 
@@ -184,4 +212,5 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> MOPDConfig:
         _marks(root, "", lines, fname)
     if data is not None and not isinstance(data, dict):
         raise ConfigError("", None, "a recipe is a mapping of sections (model, data, ...)", fname)
-    return config_from_dict(data or {}, overrides, fname, lines)
+    data = _expand_env(data or {}, "", lines, fname)
+    return config_from_dict(data, overrides, fname, lines)
