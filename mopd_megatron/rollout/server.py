@@ -1,0 +1,283 @@
+"""Launching and stopping SGLang server and sglang-router processes from the training job.
+
+Each server is `python -m sglang.launch_server` in its own process group (so that stopping it
+also stops its scheduler and detokenizer children), bound to the configured host. The device
+decides a few launch flags: DEVICE_PROFILES is the one place that knows them.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import requests
+
+__all__ = ["ServerSpec", "ManagedProcess", "SGLangServer", "SGLangRouter", "detect_device",
+           "DEVICE_PROFILES", "wait_healthy"]
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Launch flags and environment that a device needs beyond the generic command."""
+
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    supports_memory_saver: bool = False
+
+
+DEVICE_PROFILES: dict[str, DeviceProfile] = {
+    # CUDA: SGLang's defaults (flashinfer/fa3 attention); memory saver for colocation.
+    "cuda": DeviceProfile(supports_memory_saver=True),
+    # CPU (the test harness, tests/harness/sglang_cpu): the CPU engine and the only attention
+    # backend that works without compiled kernels.
+    "cpu": DeviceProfile(args=("--device", "cpu", "--attention-backend", "torch_native"),
+                         env=(("SGLANG_USE_CPU_ENGINE", "1"),)),
+}
+
+
+def detect_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """Everything needed to launch one SGLang server."""
+
+    model_path: str
+    port: int
+    host: str = "127.0.0.1"
+    tp_size: int = 1
+    mem_fraction_static: float = 0.6
+    device: str = "auto"              # "auto" -> detect_device()
+    dtype: str = "auto"
+    colocated: bool = False           # memory saver on devices that support it
+    max_total_tokens: int | None = None
+    extra_args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    log_path: str | None = None       # server stdout+stderr; None -> inherit
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def resolved_device(self) -> str:
+        device = detect_device() if self.device == "auto" else self.device
+        if device not in DEVICE_PROFILES:
+            raise ValueError(f"ServerSpec.device={device!r}: known devices {sorted(DEVICE_PROFILES)}")
+        return device
+
+    def command(self) -> list[str]:
+        device = self.resolved_device()
+        profile = DEVICE_PROFILES[device]
+        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path,
+               "--host", self.host, "--port", str(self.port), "--tp-size", str(self.tp_size),
+               "--mem-fraction-static", str(self.mem_fraction_static), "--dtype", self.dtype,
+               *profile.args]
+        if self.colocated and profile.supports_memory_saver:
+            cmd.append("--enable-memory-saver")
+        if self.max_total_tokens is not None:
+            cmd += ["--max-total-tokens", str(self.max_total_tokens)]
+        return cmd + list(self.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(dict(DEVICE_PROFILES[self.resolved_device()].env))
+        env.update(dict(self.env))
+        return env
+
+
+def wait_healthy(url: str, timeout_s: float, proc: "ManagedProcess | None" = None,
+                 path: str = "/health") -> None:
+    """Poll url+path until HTTP 200; fail early if `proc` exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.alive():
+            raise RuntimeError(f"{proc.name} exited with code {proc.returncode()} before becoming "
+                               f"healthy; see {proc.log_path or 'its output'}")
+        try:
+            if requests.get(url + path, timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}{path} not healthy after {timeout_s:.0f} s")
+
+
+_LIVE: "weakref.WeakSet[ManagedProcess]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:  # never leave servers behind when the trainer exits
+    for proc in list(_LIVE):
+        proc.stop()
+
+
+class ManagedProcess:
+    """A child process in its own session, stopped as a whole process group."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_path: str | None):
+        self.name, self.cmd, self.env, self.log_path = name, cmd, env, log_path
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        out = open(self.log_path, "ab") if self.log_path else None
+        try:
+            self._proc = subprocess.Popen(self.cmd, env=self.env, stdout=out,
+                                          stderr=subprocess.STDOUT if out else None,
+                                          start_new_session=True)
+        finally:
+            if out is not None:
+                out.close()  # the child holds its own descriptor
+        _LIVE.add(self)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def returncode(self) -> int | None:
+        return self._proc.poll() if self._proc else None
+
+    def kill_hard(self) -> None:
+        """SIGKILL the whole group at once (used by tests to simulate a crashed node)."""
+        self._signal_group(signal.SIGKILL)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self._proc is None:
+            return
+        self._signal_group(signal.SIGTERM)
+        try:
+            self._proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        # Children (scheduler, detokenizer) may outlive the leader: always finish the group.
+        self._signal_group(signal.SIGKILL)
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        _LIVE.discard(self)
+        self._proc = None
+
+    def _signal_group(self, sig: int) -> None:
+        if self._proc is None:
+            return
+        try:
+            os.killpg(self._proc.pid, sig)  # pgid == pid: start_new_session=True
+        except ProcessLookupError:
+            pass
+
+
+class SGLangServer:
+    """One launched SGLang server; restartable with the same spec (same URL)."""
+
+    def __init__(self, spec: ServerSpec, startup_timeout_s: float = 600.0):
+        self.spec, self.startup_timeout_s = spec, startup_timeout_s
+        self.process = ManagedProcess(f"sglang server {spec.url}", spec.command(),
+                                      spec.environment(), spec.log_path)
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+    def start(self, wait: bool = True) -> "SGLangServer":
+        self.process.start()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        wait_healthy(self.url, self.startup_timeout_s, self.process)
+
+    def alive(self) -> bool:
+        return self.process.alive()
+
+    def restart(self) -> None:
+        self.process.stop(grace_s=5.0)
+        self.restarts += 1
+        self.start(wait=True)
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    worker_urls: tuple[str, ...]
+    port: int
+    host: str = "127.0.0.1"
+    prometheus_port: int | None = None   # None -> port + 1
+    policy: str = "round_robin"
+    request_timeout_s: float = 600.0
+    log_path: str | None = None
+    extra_args: tuple[str, ...] = field(default=())
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        prom = self.prometheus_port if self.prometheus_port is not None else self.port + 1
+        # The router binds 0.0.0.0 for both its API and its metrics unless told otherwise.
+        return [sys.executable, "-m", "sglang_router.launch_router",
+                "--worker-urls", *self.worker_urls, "--host", self.host, "--port", str(self.port),
+                "--prometheus-host", self.host, "--prometheus-port", str(prom),
+                "--policy", self.policy, "--request-timeout-secs", str(int(self.request_timeout_s)),
+                "--log-level", "warn", *self.extra_args]
+
+
+class SGLangRouter:
+    """sglang-router in front of several servers (one URL for the whole fleet)."""
+
+    def __init__(self, spec: RouterSpec, startup_timeout_s: float = 120.0):
+        self.spec, self.startup_timeout_s = spec, startup_timeout_s
+        self.process = ManagedProcess(f"sglang-router {spec.url}", spec.command(),
+                                      dict(os.environ), spec.log_path)
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+    def start(self) -> "SGLangRouter":
+        self.process.start()
+        try:
+            wait_healthy(self.url, self.startup_timeout_s, self.process)
+            self._wait_workers()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_workers(self) -> None:
+        # The router answers /health before it has registered its workers (registration runs
+        # as a background job); sending requests then fails with "no workers".
+        deadline = time.monotonic() + self.startup_timeout_s
+        want = set(self.spec.worker_urls)
+        while time.monotonic() < deadline:
+            if want <= set(self.workers(healthy_only=True)):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.url}: workers {sorted(want - set(self.workers()))} not "
+                           f"registered and healthy after {self.startup_timeout_s:.0f} s")
+
+    def workers(self, healthy_only: bool = False) -> list[str]:
+        body = requests.get(self.url + "/workers", timeout=10).json()
+        return [w.get("url") for w in body.get("workers", [])
+                if not healthy_only or w.get("is_healthy", False)]
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def replace_port(spec: ServerSpec, port: int) -> ServerSpec:
+    return dataclasses.replace(spec, port=port)

@@ -1,0 +1,278 @@
+"""RolloutEngine on SGLang servers: launched by the job or already running, optionally behind
+sglang-router, with bounded-concurrency generation, fault recovery and weight sync.
+
+Fault model: a request that gets no answer (connection refused/reset, timeout) makes the
+engine check that server. If the process is gone or /health_generate fails and the engine
+launched it, the server is restarted on the same address (once, however many requests saw the
+failure) and every unfinished request is resubmitted. Requests that the server answered with
+an error are not retried: that is a bug or bad input, not a crash.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Sequence
+
+from .client import ServerClient, ServerError, ServerUnreachable
+from .engine import NamedTensorBucket, RolloutEngine, Sample, SamplingParams
+from .server import RouterSpec, ServerSpec, SGLangRouter, SGLangServer
+from .weight_sync import DistributedWeightSync, SyncStats, push_tensor_buckets
+
+__all__ = ["SGLangEngine", "RolloutError"]
+
+log = logging.getLogger(__name__)
+
+
+class RolloutError(RuntimeError):
+    pass
+
+
+class SGLangEngine(RolloutEngine):
+    """See module docstring. Build with launch(), connect() or from_config()."""
+
+    def __init__(self, urls: Sequence[str], servers: Sequence[SGLangServer | None] = (),
+                 router: SGLangRouter | None = None, tp_sizes: Sequence[int] | None = None,
+                 concurrency: int = 64, request_timeout_s: float = 600.0, max_retries: int = 3,
+                 health_timeout_s: float = 30.0, pause_mode: str = "retract"):
+        if not urls:
+            raise ValueError("SGLangEngine needs at least one server URL")
+        self.clients = [ServerClient(u, request_timeout_s) for u in urls]
+        self.servers = list(servers) or [None] * len(urls)   # None: not ours to restart
+        self.router = router
+        self.router_client = ServerClient(router.url, request_timeout_s) if router else None
+        self.tp_sizes = list(tp_sizes or [1] * len(urls))
+        self.request_timeout_s, self.max_retries = request_timeout_s, max_retries
+        self.health_timeout_s, self.pause_mode = health_timeout_s, pause_mode
+        self._pool = ThreadPoolExecutor(max_workers=concurrency * len(urls),
+                                        thread_name_prefix="sglang-rollout")
+        self._abort = threading.Event()
+        self._locks = [threading.Lock() for _ in urls]
+        self._epochs = [0] * len(urls)      # bumped on each restart of server i
+        self._rr = itertools.count()
+        self._api: str | None = None
+        self._dist_sync: DistributedWeightSync | None = None
+        self.version = "default"
+        # Called with nothing, returns fresh buckets of the current trainer weights; used to
+        # bring a restarted server (which reloads model_path from disk) back to self.version.
+        self.weight_source: Callable[[], Iterable[NamedTensorBucket]] | None = None
+        self.restarts = 0
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def launch(cls, specs: Sequence[ServerSpec], router_port: int | None = None,
+               startup_timeout_s: float = 600.0, log_dir: str | None = None,
+               **kwargs) -> "SGLangEngine":
+        """Start the servers (in parallel), and a router in front when router_port is given."""
+        servers = [SGLangServer(s, startup_timeout_s) for s in specs]
+        router = None
+        try:
+            for s in servers:
+                s.start(wait=False)
+            for s in servers:
+                s.wait_ready()
+            if router_port is not None:
+                router = SGLangRouter(RouterSpec(
+                    tuple(s.url for s in servers), router_port, host=specs[0].host,
+                    log_path=os.path.join(log_dir, "router.log") if log_dir else None)).start()
+        except BaseException:
+            for s in servers:
+                s.stop()
+            raise
+        return cls([s.url for s in servers], servers, router, [s.tp_size for s in specs],
+                   **kwargs)
+
+    @classmethod
+    def connect(cls, urls: Sequence[str], **kwargs) -> "SGLangEngine":
+        """Use servers someone else runs (never restarted by us)."""
+        return cls(list(urls), **kwargs)
+
+    @classmethod
+    def from_config(cls, cfg, model_path: str, log_dir: str | None = None,
+                    device: str = "auto", extra_args: Sequence[str] = ()) -> "SGLangEngine":
+        """From a RolloutConfig (mopd_megatron.config): external URLs or launched servers."""
+        common = dict(concurrency=cfg.concurrency, request_timeout_s=cfg.request_timeout_s)
+        if cfg.mode == "external":
+            return cls.connect(cfg.external_urls, **common)
+        specs = [ServerSpec(model_path=model_path, port=cfg.base_port + i, host=cfg.host,
+                            tp_size=cfg.server_tp_size, mem_fraction_static=cfg.mem_fraction_static,
+                            device=device, colocated=cfg.mode == "colocated",
+                            extra_args=tuple(extra_args),
+                            log_path=os.path.join(log_dir, f"sglang_{i}.log") if log_dir else None)
+                 for i in range(cfg.num_engines)]
+        return cls.launch(specs, cfg.router_port if cfg.router else None,
+                          cfg.startup_timeout_s, log_dir, **common)
+
+    # -- generation -----------------------------------------------------------------------
+    def generate(self, prompts_token_ids: Sequence[Sequence[int]], n: int,
+                 sampling: SamplingParams) -> list[Sample]:
+        if n < 1:
+            raise ValueError(f"generate: n must be >= 1, got {n}")
+        self._abort.clear()
+        batch = uuid.uuid4().hex[:12]
+        futures = [self._pool.submit(self._generate_one, list(p), pi, si, sampling,
+                                     f"{batch}-{pi}-{si}")
+                   for pi, p in enumerate(prompts_token_ids) for si in range(n)]
+        return [f.result() for f in futures]
+
+    def _generate_one(self, prompt: list[int], pi: int, si: int, sampling: SamplingParams,
+                      rid: str) -> Sample:
+        body = {"input_ids": prompt, "sampling_params": sampling.to_sglang(),
+                "return_logprob": True}
+        if self._abort.is_set():
+            return Sample(pi, si, prompt, [], [], "abort", self.version)
+        out, retries = self.call("/generate", body, rid)
+        return _parse_sample(out, pi, si, prompt, retries)
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        """log p(x_t | x_<t) for t = 1..L-1 of each sequence (prompt log-probs, no sampling).
+
+        Computed from the raw logits (temperature 1): the quantity the trainer computes.
+        """
+        def one(seq, i):
+            body = {"input_ids": list(seq), "return_logprob": True, "logprob_start_len": 0,
+                    "sampling_params": {"max_new_tokens": 0, "temperature": 1.0}}
+            out, _ = self.call("/generate", body, f"score-{uuid.uuid4().hex[:12]}-{i}")
+            entries = out["meta_info"]["input_token_logprobs"]
+            if len(entries) != len(seq) or [e[1] for e in entries] != list(seq):
+                raise RolloutError(f"score: server returned log-probs for {len(entries)} tokens "
+                                   f"of a {len(seq)}-token sequence, or for other token ids")
+            return [float(e[0]) for e in entries[1:]]   # first token has no context: None
+        futures = [self._pool.submit(one, s, i) for i, s in enumerate(sequences)]
+        return [f.result() for f in futures]
+
+    def call(self, path: str, body: dict, rid: str) -> tuple[dict, int]:
+        """POST body (with rid) to a server, recovering from dead servers; (answer, retries)."""
+        for attempt in range(self.max_retries + 1):
+            idx = next(self._rr) % len(self.clients)
+            client = self.router_client or self.clients[idx]
+            epoch = self._epochs[idx]
+            try:
+                sent_rid = rid if attempt == 0 else f"{rid}-r{attempt}"  # rids must be unique
+                return client.post(path, {**body, "rid": sent_rid}), attempt
+            except ServerUnreachable as exc:
+                if self._abort.is_set():
+                    raise RolloutError(f"{path} {rid}: aborted while unreachable") from exc
+                log.warning("request %s got no answer from %s: %s", rid, client.url, exc)
+                targets = range(len(self.clients)) if self.router_client else [idx]
+                for i in targets:
+                    self._recover(i, self._epochs[i] if self.router_client else epoch)
+        raise RolloutError(f"{path} {rid}: no answer after {self.max_retries} resubmissions")
+
+    def _recover(self, idx: int, seen_epoch: int) -> None:
+        """Make server idx usable again; one restart however many requests hit the failure."""
+        with self._locks[idx]:
+            if self._epochs[idx] != seen_epoch:
+                return  # another request already restarted it
+            server, client = self.servers[idx], self.clients[idx]
+            dead = server is not None and not server.alive()
+            if not dead and client.healthy(self.health_timeout_s):
+                return  # transient (e.g. one slow request); resubmit as is
+            if server is None:
+                raise RolloutError(f"server {client.url} is down and was not launched by this "
+                                   "job, so it cannot be restarted")
+            log.warning("restarting SGLang server %s (process %s)", client.url,
+                        "dead" if dead else "unresponsive")
+            server.restart()
+            self.restarts += 1
+            self._resync_restarted(idx)
+            self._epochs[idx] += 1
+
+    def _resync_restarted(self, idx: int) -> None:
+        # A fresh server holds model_path's weights: without a source it would silently sample
+        # from the initial policy. Its samples then carry weight_version "default", which the
+        # trainer's staleness check sees.
+        if self.version == "default":
+            return
+        if self.weight_source is None:
+            log.error("restarted %s has initial weights, not version %s (no weight_source)",
+                      self.clients[idx].url, self.version)
+            return
+        push_tensor_buckets([self.clients[idx]], [self.tp_sizes[idx]], self.weight_source(),
+                            self.version, self.weight_update_api(), self.pause_mode)
+
+    def abort(self, rids: Sequence[str] | None = None) -> None:
+        """Abort everything in flight (rids=None) or the given request ids, on every server."""
+        if rids is None:
+            self._abort.set()
+        bodies = [{"abort_all": True}] if rids is None else [{"rid": r} for r in rids]
+        for c in self.clients:
+            for b in bodies:
+                try:
+                    c.post("/abort_request", b, timeout_s=30)
+                except (ServerUnreachable, ServerError) as exc:
+                    log.warning("abort on %s failed: %s", c.url, exc)
+
+    # -- weights and memory ---------------------------------------------------------------
+    def weight_update_api(self) -> str:
+        if self._api is None:
+            self._api = self.clients[0].weight_update_api()
+        return self._api
+
+    def connect_weight_group(self, master_address: str, master_port: int,
+                             backend: str | None = None) -> None:
+        """Switch update_weights to the dedicated-node path (process-group broadcast)."""
+        self._dist_sync = DistributedWeightSync(self.clients, self.tp_sizes, master_address,
+                                                master_port, backend,
+                                                timeout_s=self.request_timeout_s)
+        self._dist_sync.connect()
+
+    def disconnect_weight_group(self) -> None:
+        """Back to the colocated tensor path; destroys the process group on both sides."""
+        if self._dist_sync is not None:
+            self._dist_sync.close()
+            self._dist_sync = None
+
+    def update_weights(self, named_tensor_buckets: Iterable[NamedTensorBucket],
+                       version: str) -> SyncStats:
+        api = self.weight_update_api()
+        if self._dist_sync is not None:
+            stats = self._dist_sync.push(named_tensor_buckets, version, api)
+        else:
+            stats = push_tensor_buckets(self.clients, self.tp_sizes, named_tensor_buckets,
+                                        version, api, self.pause_mode)
+        self.version = version
+        return stats
+
+    def release_memory(self, tags: Sequence[str] | None = None) -> None:
+        body = {} if tags is None else {"tags": list(tags)}
+        for c in self.clients:
+            c.post("/release_memory_occupation", body)
+
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        body = {} if tags is None else {"tags": list(tags)}
+        for c in self.clients:
+            c.post("/resume_memory_occupation", body)
+
+    def health(self) -> dict[str, bool]:
+        out = {}
+        for c, s in zip(self.clients, self.servers):
+            out[c.url] = (s is None or s.alive()) and c.healthy(self.health_timeout_s)
+        return out
+
+    def shutdown(self) -> None:
+        self.disconnect_weight_group()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.router is not None:
+            self.router.stop()
+        for s in self.servers:
+            if s is not None:
+                s.stop()
+
+
+def _parse_sample(out: dict, pi: int, si: int, prompt: list[int], retries: int) -> Sample:
+    """One /generate answer -> Sample. output_token_logprobs entries are [logprob, id, text]."""
+    meta = out["meta_info"]
+    token_ids = list(out.get("output_ids") or [])
+    entries = meta.get("output_token_logprobs") or []
+    if [e[1] for e in entries] != token_ids:
+        raise RolloutError(f"/generate rid {meta.get('id')}: output_token_logprobs ids do not "
+                           "match output_ids")
+    reason = meta.get("finish_reason")
+    reason = reason.get("type", "stop") if isinstance(reason, dict) else str(reason or "stop")
+    return Sample(pi, si, prompt, token_ids, [float(e[0]) for e in entries], reason,
+                  str(meta.get("weight_version", "default")), retries,
+                  meta={k: meta[k] for k in ("id", "e2e_latency", "cached_tokens") if k in meta})

@@ -1,0 +1,264 @@
+"""The SGLang rollout engine against a real SGLang 0.5.23 server on CPU.
+
+Needs the CPU test harness: `tests/harness/sglang_cpu/setup.sh` (README test command runs it).
+One server is shared by the module (start-up is 20-60 s on two cores); tests that change its
+weights restore them. References are float64 forwards of the same checkpoint through
+transformers, an implementation independent of SGLang's.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from tests.dist_helpers import free_port
+
+try:
+    import sglang  # noqa: F401
+except ImportError:
+    if os.environ.get("MOPD_ALLOW_NO_SGLANG") == "1":
+        pytest.skip("SGLang CPU harness not installed (MOPD_ALLOW_NO_SGLANG=1)",
+                    allow_module_level=True)
+    raise ImportError("SGLang is not installed: run tests/harness/sglang_cpu/setup.sh "
+                      "(or set MOPD_ALLOW_NO_SGLANG=1 to skip these tests)")
+
+from mopd_megatron.rollout import (ParityError, SamplingParams, ServedTeacher, ServerSpec,
+                                   SGLangEngine, check_parity, parity_probe, probe_tokens)
+from mopd_megatron.rollout.server import RouterSpec, SGLangRouter
+from tools.make_tiny_hf import make_tiny_hf
+
+pytestmark = pytest.mark.slow
+
+# fp32 server vs float64 reference: observed ~1e-6 per token; 1e-4 leaves room for kernel
+# order differences while still being ~3 orders below what one wrong weight tensor causes.
+LOGPROB_ATOL = 1e-4
+PARITY_TOL = 1e-4
+
+
+# -- references ------------------------------------------------------------------------------
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+
+
+@torch.no_grad()
+def ref_logprobs(model, seq: list[int]) -> torch.Tensor:
+    """[L-1] float64 log p(x_t | x_<t), t = 1..L-1."""
+    ids = torch.tensor([seq])
+    logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)   # [L, V]
+    return logp[:-1].gather(-1, ids[0, 1:, None]).squeeze(-1)
+
+
+def state_buckets(path, bucket_bytes=48 * 1024):
+    """The checkpoint as HF-named buckets of ~bucket_bytes (what the converter's export yields)."""
+    from safetensors.torch import load_file
+    buckets, cur, size = [], [], 0
+    for name, t in load_file(os.path.join(path, "model.safetensors")).items():
+        cur.append((name, t))
+        size += t.numel() * t.element_size()
+        if size >= bucket_bytes:
+            buckets.append(cur)
+            cur, size = [], 0
+    return buckets + ([cur] if cur else [])
+
+
+# -- fixtures --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    a = make_tiny_hf(str(root / "a"), arch="qwen2", seed=0)
+    b = make_tiny_hf(str(root / "b"), arch="qwen2", seed=1)
+    return {"a": a, "b": b, "hf_a": hf_model(a), "hf_b": hf_model(b), "logs": str(root)}
+
+
+def spec(path, logs, name):
+    return ServerSpec(model_path=path, port=free_port(), host="127.0.0.1", device="cpu",
+                      dtype="float32", mem_fraction_static=0.05, max_total_tokens=8192,
+                      extra_args=("--log-level", "warning", "--disable-cuda-graph"),
+                      log_path=os.path.join(logs, f"{name}.log"))
+
+
+@pytest.fixture(scope="module")
+def engine(models):
+    eng = SGLangEngine.launch([spec(models["a"], models["logs"], "server_a")],
+                              startup_timeout_s=240, concurrency=8, request_timeout_s=120,
+                              health_timeout_s=20)
+    try:
+        yield eng
+    finally:
+        eng.shutdown()
+
+
+def assert_matches_reference(samples, hf, atol=LOGPROB_ATOL):
+    for s in samples:
+        ref = ref_logprobs(hf, s.prompt_token_ids + s.token_ids)[len(s.prompt_token_ids) - 1:]
+        got = torch.tensor(s.logprobs, dtype=torch.float64)
+        assert got.shape == ref.shape
+        assert torch.allclose(got, ref, atol=atol, rtol=0), (got - ref).abs().max().item()
+
+
+PROMPTS = [[5, 6, 7, 8], [40, 41, 42, 43, 44, 45, 46], [100, 3]]
+
+
+# -- tests -----------------------------------------------------------------------------------
+def test_generate_logprobs_match_hf_forward(engine, models):
+    samples = engine.generate(PROMPTS, n=2, sampling=SamplingParams(
+        temperature=1.0, max_new_tokens=12, ignore_eos=True))
+    assert [(s.prompt_index, s.sample_index) for s in samples] == \
+        [(p, i) for p in range(3) for i in range(2)]
+    for s in samples:
+        assert len(s.token_ids) == 12 and s.finish_reason == "length"
+        assert s.weight_version == "default" and s.prompt_token_ids == PROMPTS[s.prompt_index]
+    assert_matches_reference(samples, models["hf_a"])
+    # Sampling at T=1 from a peaked tiny model: the 2 samples of a prompt should differ somewhere.
+    assert any(samples[2 * p].token_ids != samples[2 * p + 1].token_ids for p in range(3))
+
+
+def test_greedy_matches_hf_argmax(engine, models):
+    [s] = engine.generate([PROMPTS[0]], n=1, sampling=SamplingParams(
+        temperature=0.0, max_new_tokens=10, ignore_eos=True))
+    seq = list(PROMPTS[0])
+    with torch.no_grad():
+        for _ in range(10):
+            seq.append(int(models["hf_a"](torch.tensor([seq])).logits[0, -1].argmax()))
+    assert s.token_ids == seq[len(PROMPTS[0]):]
+
+
+def test_tensor_then_distributed_sync_reach_trainer_weights(engine, models):
+    probe = [probe_tokens(512, 48, seed=7), probe_tokens(512, 20, seed=8)]
+    ref_a = [ref_logprobs(models["hf_a"], p).tolist() for p in probe]
+    ref_b = [ref_logprobs(models["hf_b"], p).tolist() for p in probe]
+    assert engine.weight_update_api() == "begin_end"       # probed from the 0.5.23 server
+    assert parity_probe(engine, probe, ref_a).mean_abs_diff < PARITY_TOL
+
+    # colocated path: flattened buckets through /update_weights_from_tensor
+    stats = engine.update_weights(iter(state_buckets(models["b"])), version="v1")
+    from safetensors.torch import load_file
+    n_tensors = len(load_file(os.path.join(models["b"], "model.safetensors")))
+    assert stats.buckets >= 3 and stats.tensors == n_tensors
+    assert check_parity(engine, probe, ref_b, PARITY_TOL).mean_abs_diff < PARITY_TOL
+    assert parity_probe(engine, probe, ref_a).mean_abs_diff > 0.1   # it really changed
+    [s] = engine.generate([PROMPTS[1]], 1, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    assert s.weight_version == "v1"
+    assert_matches_reference([s], models["hf_b"])
+
+    # dedicated path: gloo broadcast from this process into the server's TP rank
+    engine.connect_weight_group("127.0.0.1", free_port(), backend="gloo")
+    try:
+        engine.update_weights(iter(state_buckets(models["a"])), version="v2")
+    finally:
+        engine.disconnect_weight_group()
+    assert check_parity(engine, probe, ref_a, PARITY_TOL).mean_abs_diff < PARITY_TOL
+    assert parity_probe(engine, probe, ref_b).mean_abs_diff > 0.1
+    [s] = engine.generate([PROMPTS[1]], 1, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    assert s.weight_version == "v2"
+
+
+def test_parity_probe_refuses_a_bad_sync(engine, models):
+    probe = [probe_tokens(512, 32, seed=9)]
+    ref_a = [ref_logprobs(models["hf_a"], p).tolist() for p in probe]
+    good = state_buckets(models["a"])
+    # A sync bug: one layer's q_proj arrives transposed (square, so shapes still agree).
+    bad = [[(n, t.t().contiguous() if n == "model.layers.1.self_attn.q_proj.weight" else t)
+            for n, t in b] for b in good]
+    engine.update_weights(iter(bad), version="bad")
+    try:
+        with pytest.raises(ParityError, match="parity_tolerance"):
+            check_parity(engine, probe, ref_a, tolerance=1e-3)
+    finally:
+        engine.update_weights(iter(good), version="v2")
+    check_parity(engine, probe, ref_a, PARITY_TOL)
+
+
+def test_release_resume_keeps_generation(engine, models):
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
+    before = engine.generate(PROMPTS, 1, greedy)
+    engine.release_memory()
+    engine.resume_memory()
+    after = engine.generate(PROMPTS, 1, greedy)
+    assert [s.token_ids for s in after] == [s.token_ids for s in before]
+    assert_matches_reference(after, models["hf_a"])
+
+
+def test_abort_in_flight(engine):
+    long = SamplingParams(temperature=1.0, max_new_tokens=900, ignore_eos=True)
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("s", engine.generate([PROMPTS[0]], 2, long)))
+    t0 = time.monotonic()
+    t.start()
+    time.sleep(1.5)
+    engine.abort()
+    t.join(timeout=60)
+    assert not t.is_alive(), "generate() did not return after abort()"
+    samples = out["s"]
+    assert [s.finish_reason for s in samples] == ["abort", "abort"]
+    assert all(len(s.token_ids) < 900 for s in samples), [len(s.token_ids) for s in samples]
+    assert time.monotonic() - t0 < 60
+    # the engine is usable again afterwards
+    [s] = engine.generate([PROMPTS[0]], 1, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert s.finish_reason == "length" and len(s.token_ids) == 4
+
+
+def test_served_teacher_scores_responses(engine, models):
+    teacher = ServedTeacher(engine, domain="math")
+    responses = [[9, 10, 11], [200, 201, 202, 203, 204]]
+    got = teacher.response_logprobs(PROMPTS[:2], responses)
+    for p, r, g in zip(PROMPTS, responses, got):
+        ref = ref_logprobs(models["hf_a"], p + r)[len(p) - 1:]
+        assert len(g) == len(r)
+        assert torch.allclose(torch.tensor(g, dtype=torch.float64), ref, atol=LOGPROB_ATOL, rtol=0)
+
+
+def test_router_with_two_servers(engine, models):
+    import psutil
+    second = SGLangEngine.launch([spec(models["a"], models["logs"], "server_a2")],
+                                 startup_timeout_s=240)
+    router = None
+    try:
+        urls = [engine.clients[0].url, second.clients[0].url]
+        port = free_port()
+        router = SGLangRouter(RouterSpec(tuple(urls), port, "127.0.0.1", prometheus_port=free_port(),
+                                         log_path=os.path.join(models["logs"], "router.log"))).start()
+        assert sorted(router.workers()) == sorted(urls)
+        # Everything the router listens on is loopback (API and Prometheus).
+        listening = [c.laddr for p in [psutil.Process(router.process.pid)]
+                     for p2 in [p, *p.children(recursive=True)]
+                     for c in p2.net_connections(kind="inet") if c.status == "LISTEN"]
+        assert listening and all(a.ip == "127.0.0.1" for a in listening), listening
+        routed = SGLangEngine(urls, router=router, concurrency=4, request_timeout_s=120)
+        samples = routed.generate(PROMPTS, 3, SamplingParams(max_new_tokens=6, ignore_eos=True))
+        assert len(samples) == 9 and all(len(s.token_ids) == 6 for s in samples)
+        assert_matches_reference(samples, models["hf_a"])
+        routed._pool.shutdown()
+    finally:
+        if router is not None:
+            router.stop()
+        second.shutdown()
+
+
+def test_server_killed_mid_rollout_is_restarted_and_resubmitted(engine, models):
+    # Runs last: it replaces the module's server process.
+    engine.update_weights(iter(state_buckets(models["a"])), version="v3")
+    engine.weight_source = lambda: iter(state_buckets(models["a"]))
+    server = engine.servers[0]
+    old_pid = server.process.pid
+    # Long enough (~seconds on CPU) that the kill lands mid-rollout; prompt + 900 < 1024 context.
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=900, ignore_eos=True)
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("s", engine.generate(PROMPTS, 2, sampling)))
+    t.start()
+    time.sleep(0.5)
+    assert t.is_alive(), "rollout finished before the kill; lengthen it"
+    server.process.kill_hard()
+    t.join(timeout=300)
+    assert not t.is_alive(), "rollout did not finish after the server was killed"
+    samples = out["s"]
+    assert engine.restarts == 1 and server.process.pid != old_pid and server.alive()
+    assert len(samples) == 6 and all(len(s.token_ids) == 900 for s in samples)
+    assert any(s.retries >= 1 for s in samples)
+    # the restarted server got the trainer's weights back before serving
+    assert all(s.weight_version == "v3" for s in samples)
+    assert_matches_reference(samples, models["hf_a"])

@@ -1,0 +1,204 @@
+"""Rollout pieces that need no SGLang server: launch commands, route probing, response parsing,
+parity arithmetic, bucket serialisation. (The real-server tests are test_rollout_sglang.py.)"""
+from __future__ import annotations
+
+import json
+import os
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from mopd_megatron.rollout import ParityError, SamplingParams, ServerSpec, check_parity, parity_probe
+from mopd_megatron.rollout.client import ServerClient, ServerError, ServerUnreachable, WeightUpdateAPI
+from mopd_megatron.rollout.server import RouterSpec
+from mopd_megatron.rollout.sglang_engine import RolloutError, _parse_sample
+from tests.dist_helpers import free_port
+
+
+# -- launch commands -------------------------------------------------------------------------
+def _flag(cmd, name):
+    return cmd[cmd.index(name) + 1]
+
+
+def test_cpu_server_command_and_env():
+    spec = ServerSpec(model_path="/m", port=31234, host="127.0.0.1", tp_size=2, device="cpu",
+                      mem_fraction_static=0.3, colocated=True, extra_args=("--x", "1"))
+    cmd = spec.command()
+    assert cmd[1:3] == ["-m", "sglang.launch_server"]
+    assert (_flag(cmd, "--host"), _flag(cmd, "--port"), _flag(cmd, "--tp-size")) == \
+        ("127.0.0.1", "31234", "2")
+    assert _flag(cmd, "--device") == "cpu" and _flag(cmd, "--attention-backend") == "torch_native"
+    assert "--enable-memory-saver" not in cmd       # CPU has no memory saver
+    assert cmd[-2:] == ["--x", "1"]
+    assert spec.environment()["SGLANG_USE_CPU_ENGINE"] == "1"
+    assert spec.url == "http://127.0.0.1:31234"
+
+
+def test_cuda_server_command_memory_saver_only_when_colocated():
+    colo = ServerSpec(model_path="/m", port=1, device="cuda", colocated=True).command()
+    dedicated = ServerSpec(model_path="/m", port=1, device="cuda", colocated=False).command()
+    assert "--enable-memory-saver" in colo and "--enable-memory-saver" not in dedicated
+    assert "--device" not in colo and "--attention-backend" not in colo
+    # nothing device-specific is added to the environment on CUDA
+    assert ServerSpec(model_path="/m", port=1, device="cuda").environment() == dict(os.environ)
+
+
+def test_unknown_device_is_refused():
+    with pytest.raises(ValueError, match="device='tpu'"):
+        ServerSpec(model_path="/m", port=1, device="tpu").command()
+
+
+def test_router_binds_only_configured_host():
+    cmd = RouterSpec(("http://127.0.0.1:1", "http://127.0.0.1:2"), 4000, "127.0.0.1").command()
+    assert _flag(cmd, "--host") == "127.0.0.1" and _flag(cmd, "--prometheus-host") == "127.0.0.1"
+    assert _flag(cmd, "--prometheus-port") == "4001"
+    i = cmd.index("--worker-urls")
+    assert cmd[i + 1:i + 3] == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+
+
+# -- route probing against a loopback stand-in server ----------------------------------------
+class _Routes(BaseHTTPRequestHandler):
+    post_routes: set = set()
+    openapi: bool = True
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/openapi.json" and self.openapi:
+            return self._send(200, {"paths": {p: {} for p in self.post_routes}})
+        self._send(405 if self.path in self.post_routes else 404, {"detail": "x"})
+
+    def do_POST(self):
+        if self.path == "/fail":
+            return self._send(200, {"success": False, "message": "nope"})
+        self._send(200 if self.path in self.post_routes else 404, {"success": True})
+
+
+def _serve(routes, openapi):
+    handler = type("H", (_Routes,), {"post_routes": set(routes), "openapi": openapi})
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
+
+
+@pytest.mark.parametrize("routes,openapi,expected", [
+    ({"/begin_weight_update", "/end_weight_update", "/post_process_weights"}, True,
+     WeightUpdateAPI.BEGIN_END),
+    ({"/begin_weight_update", "/end_weight_update"}, False, WeightUpdateAPI.BEGIN_END),
+    ({"/post_process_weights"}, True, WeightUpdateAPI.POST_PROCESS),
+    ({"/post_process_weights"}, False, WeightUpdateAPI.POST_PROCESS),
+    ({"/generate"}, True, WeightUpdateAPI.NONE),
+])
+def test_weight_update_api_probe(routes, openapi, expected):
+    srv, url = _serve(routes, openapi)
+    try:
+        assert ServerClient(url, timeout_s=5).weight_update_api() == expected
+    finally:
+        srv.shutdown()
+
+
+def test_client_error_kinds():
+    srv, url = _serve({"/ok"}, True)
+    try:
+        c = ServerClient(url, timeout_s=5)
+        assert c.post_ok("/ok") == {"success": True}
+        with pytest.raises(ServerError, match="nope"):
+            c.post_ok("/fail")                       # 200 with success=false is an error
+        with pytest.raises(ServerError, match="HTTP 404"):
+            c.post("/missing")
+    finally:
+        srv.shutdown()
+    with pytest.raises(ServerUnreachable):
+        ServerClient(f"http://127.0.0.1:{free_port()}", timeout_s=2).post("/generate", {})
+
+
+# -- response parsing ------------------------------------------------------------------------
+def _answer(ids, lps, reason, version="v7"):
+    return {"output_ids": ids, "meta_info": {
+        "id": "r", "finish_reason": reason, "weight_version": version,
+        "output_token_logprobs": [[lp, i, None] for lp, i in zip(lps, ids)]}}
+
+
+def test_parse_sample():
+    s = _parse_sample(_answer([4, 9], [-0.5, -1.25], {"type": "length", "length": 2}), 1, 3,
+                      [1, 2], retries=2)
+    assert (s.token_ids, s.logprobs, s.finish_reason, s.weight_version, s.retries) == \
+        ([4, 9], [-0.5, -1.25], "length", "v7", 2)
+    assert _parse_sample(_answer([1], [-0.1], {"type": "stop", "matched": 1}), 0, 0, [3],
+                         0).finish_reason == "stop"
+    bad = _answer([4, 9], [-0.5, -1.25], {"type": "length"})
+    bad["meta_info"]["output_token_logprobs"][1][1] = 8
+    with pytest.raises(RolloutError, match="do not match"):
+        _parse_sample(bad, 0, 0, [1], 0)
+
+
+def test_sampling_params_validation_and_wire_format():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    wire = SamplingParams(temperature=0.7, max_new_tokens=5, stop_token_ids=(1,)).to_sglang()
+    assert wire["temperature"] == 0.7 and wire["max_new_tokens"] == 5
+    assert wire["stop_token_ids"] == [1]
+
+
+# -- parity arithmetic -----------------------------------------------------------------------
+class _FixedScores:
+    def __init__(self, scores):
+        self.scores = scores
+
+    def score(self, sequences):
+        assert len(sequences) == len(self.scores)
+        return self.scores
+
+
+def test_parity_probe_mean_and_max():
+    engine = _FixedScores([[-1.0, -2.0, -3.0], [-0.5]])
+    trainer = [[-1.1, -2.0, -2.5], [-0.25]]
+    diffs = [0.1, 0.0, 0.5, 0.25]
+    r = parity_probe(engine, [[0] * 4, [0] * 2], trainer)
+    assert r.tokens == 4
+    assert math.isclose(r.mean_abs_diff, sum(diffs) / 4, rel_tol=1e-12)
+    assert math.isclose(r.max_abs_diff, 0.5, rel_tol=1e-12)
+    assert check_parity(engine, [[0] * 4, [0] * 2], trainer, tolerance=0.3).tokens == 4
+    with pytest.raises(ParityError, match="parity_tolerance=0.1"):
+        check_parity(engine, [[0] * 4, [0] * 2], trainer, tolerance=0.1)
+    with pytest.raises(ParityError):   # NaN never passes
+        check_parity(_FixedScores([[float("nan")]]), [[0, 0]], [[0.0]], tolerance=1.0)
+    with pytest.raises(ValueError, match="sequence 0"):
+        parity_probe(_FixedScores([[-1.0]]), [[0, 0, 0]], [[-1.0, -2.0]])
+
+
+# -- bucket serialisation (needs the sglang package, not a server) --------------------------
+def test_serialize_bucket_round_trip_mixed_dtypes():
+    pytest.importorskip("sglang", reason="SGLang CPU harness not installed "
+                        "(tests/harness/sglang_cpu/setup.sh)")
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+    from mopd_megatron.rollout.weight_sync import serialize_bucket
+    g = torch.Generator().manual_seed(0)
+    bucket = [("a.weight", torch.randn(3, 5, generator=g)),
+              ("b.bias", torch.randn(7, generator=g).to(torch.bfloat16)),
+              ("c.weight", torch.randn(4, 2, generator=g).t())]   # non-contiguous
+    payload = MultiprocessingSerializer.deserialize(serialize_bucket(bucket))
+    got = FlattenedTensorBucket(flattened_tensor=payload["flattened_tensor"],
+                                metadata=payload["metadata"]).reconstruct_tensors()
+    got = dict(got)
+    assert sorted(got) == sorted(n for n, _ in bucket)
+    for name, want in bucket:
+        have = got[name]
+        assert have.dtype == want.dtype and have.shape == want.shape
+        assert torch.equal(have, want)
+    with pytest.raises(ValueError, match="empty bucket"):
+        serialize_bucket([])
