@@ -1,0 +1,1 @@
+"""Cluster launch helpers (the Slurm scripts in ``slurm/`` call ``launch.slurm``)."""
