@@ -20,6 +20,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.slow  # ~14-21 s on 2 cores: interpreter + a 2-rank TP case
 def test_triton_kernels_under_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
