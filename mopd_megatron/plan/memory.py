@@ -166,7 +166,7 @@ def _logits(x: PlanInputs, vocab: int, naive: bool) -> float:
     return x.tokens * (vocab / x.tp) * per_elem + x.tokens * 16
 
 
-def _stage_terms(x: PlanInputs, s: int) -> list[Term]:
+def stage_terms(x: PlanInputs, s: int) -> list[Term]:
     P = x.student.stage_params(s, x.tp, x.pp)
     last = s == x.pp - 1
     wb = PARAM_BYTES[x.dtype]
@@ -232,7 +232,7 @@ def plan_memory(x: PlanInputs) -> Plan:
         check_layout(t.arch, x.tp, x.pp, x.vpp, f"teacher {t.name}")
     best: Plan | None = None
     for s in range(x.pp):
-        terms = _stage_terms(x, s)
+        terms = stage_terms(x, s)
         phases = {t.phase for t in terms} - {"all"}
         tot = {p: sum(t.bytes for t in terms if t.phase == p) for p in phases}
         phase = max(sorted(tot), key=lambda p: tot[p]) if tot else "train"
