@@ -28,8 +28,15 @@ class DataConfig:
     max_prompt_len: int = doc(1024, "Prompts longer than this many tokens are bad rows. Responses "
                                     "are bounded by rollout.max_new_tokens.")
     seed: int = doc(0, "Seed of the domain-weighted sampler (independent of train.seed).")
+    eval_paths: list[str] = doc(
+        help="Held-out prompt files: greedy per-domain accuracy of the student (and of each "
+             "teacher on its domains) is reported before and after training. Empty: no eval.",
+        factory=list)
 
     def __post_init__(self):
+        for p in self.eval_paths:
+            if not p.endswith((".jsonl", ".parquet")):
+                raise ConfigError("data.eval_paths", p, "unsupported file type (use .jsonl or .parquet)")
         check(len(self.paths) > 0, self, "paths", "list at least one .jsonl or .parquet file")
         for p in self.paths:
             if not p.endswith((".jsonl", ".parquet")):

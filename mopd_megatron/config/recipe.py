@@ -146,6 +146,8 @@ class MOPDConfig:
             exists(t.hf_config, f"teachers[{i}].hf_config")
         for i, p in enumerate(self.data.paths):
             exists(p, f"data.paths[{i}]")
+        for i, p in enumerate(self.data.eval_paths):
+            exists(p, f"data.eval_paths[{i}]")
         if self.checkpoint.resume not in ("auto", "none"):
             exists(self.checkpoint.resume, "checkpoint.resume")
 

@@ -15,7 +15,10 @@ class RolloutConfig:
 
     SECTION: ClassVar[str] = "rollout"
 
-    engine: Literal["sglang"] = doc("sglang", "Rollout engine implementation.")
+    engine: Literal["sglang", "local"] = doc(
+        "sglang", "Rollout engine: sglang (servers, the production path) or local (the trainer's "
+                  "own Megatron student samples; no weight sync; tp/dp only, pp = 1; for the "
+                  "CPU demo and debugging).")
     mode: Literal["colocated", "dedicated", "external"] = doc(
         "colocated", "colocated: engines share the training GPUs and alternate with training; "
                      "dedicated: engines on their own nodes; external: already-running servers "

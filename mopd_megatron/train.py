@@ -1,0 +1,239 @@
+"""The MOPD training loop (MiMo-V2-Flash s4.4): one step = one rollout batch.
+
+    rollout -> reward (GRPO A_ORM) -> teacher scores -> student update -> weight sync -> log/save
+
+The Trainer's constructor is an ordered list of builds (trainer/builders.py); ``train_step``
+names the phases; everything else lives in small modules under ``mopd_megatron/trainer/``.
+Entry point for ``mopd train``: ``train_main(argv)``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .config import MOPDConfig
+from .logging import MetricLogger, PhaseTimer
+from .rewards import grpo_advantages
+from .rollout.engine import SamplingParams
+from .trainer import builders, state
+from .trainer.batch import RolloutBatch, pack_microbatches
+from .trainer.evaluate import greedy_accuracy, load_eval_rows
+from .trainer.loss import make_mopd_loss_fn, reduce_microbatch_metrics
+
+__all__ = ["Trainer", "train_main"]
+
+
+class Trainer:
+    """``hooks``: {phase name: fn(trainer, step)} run as each phase starts (tests use them to
+    crash at exact points); ``engine``: a RolloutEngine to use instead of the recipe's."""
+
+    def __init__(self, cfg: MOPDConfig, *, engine=None, hooks: dict[str, Callable] | None = None):
+        from .data import DomainSampler
+        from .runtime import device, init_runtime, launch_env
+        from .teachers import TeacherPool
+        self.cfg, self.hooks = cfg, dict(hooks or {})
+        par = cfg.parallel
+        self.inputs = builders.preflight(cfg, launch_env().world_size)        # 1. every check
+        self.layout = init_runtime(par.tp, par.pp, par.vpp, cfg.train.seed)  # 2. groups, seeds
+        self.device = device()
+        self.chunks, self.optimizer, self.scheduler = builders.build_student(cfg, self.inputs.hf)  # 3.
+        self.teachers = TeacherPool.build(                                    # 4. frozen teachers
+            cfg.teachers, lambda hf_dir: builders.build_chunks(hf_dir, cfg),
+            lambda chunks, t, i: builders.load_weights(chunks, t.checkpoint, t.format, None))
+        self.sampler = DomainSampler(self.inputs.dataset, cfg.data.domain_weights, cfg.data.seed)  # 5.
+        self.engine = engine if engine is not None else builders.build_engine(  # 6. rollout
+            cfg, self.chunks, self.inputs, log_dir=None)
+        self.eval_rows = load_eval_rows(cfg, self.inputs.tokenizer)          # 7. held-out prompts
+        self.start_step = self._resume()                                     # 8. resume
+        self.logger = MetricLogger.from_config(                              # 9. metric sinks
+            cfg.logging, total_steps=cfg.train.steps, enabled=dist.get_rank() == 0,
+            run_config=cfg.to_dict(), resume_step=self.start_step)
+        self.timer = PhaseTimer(torch.cuda.synchronize if torch.cuda.is_available() else None)
+        self.loss_fn = make_mopd_loss_fn(cfg.loss, cfg.reward.alpha, cfg.rollout.temperature,
+                                         self._tp_group())
+        self.sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                       top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
+                                       stop_token_ids=(self.inputs.eos_id,))
+        self.losses: list[float] = []
+
+    # --- the loop -----------------------------------------------------------------------------
+    def train(self) -> dict:
+        before = self.evaluate(teachers=True) if self.start_step == 0 else {}
+        for step in range(self.start_step + 1, self.cfg.train.steps + 1):
+            self.train_step(step)
+        after = self.evaluate(teachers=False)
+        self.logger.close()
+        return {"before": before, "after": after, "losses": self.losses}
+
+    def train_step(self, step: int) -> dict:
+        t0 = time.perf_counter()
+        with self.phase("rollout", step):
+            batch = self.rollout()                        # y ~ mu and log mu, n per prompt
+        with self.phase("reward", step):
+            batch = self.reward(batch)                    # r -> GRPO A_ORM (rank 0), broadcast
+        with self.phase("teacher", step):
+            mbs, kl = self.teacher_scores(batch)          # log pi_dom of each domain's sequences
+        with self.phase("student", step):
+            results = self.student_update(mbs)            # fused MOPD loss, optimizer step(s)
+        with self.phase("sync", step):
+            parity = self.sync_weights(step)              # new weights -> rollout engine
+        metrics = self.metrics(batch, results, kl, parity, time.perf_counter() - t0)
+        self.losses.append(metrics["loss"])
+        self.logger.log(step, metrics)
+        if self.should_save(step):
+            with self.phase("save", step):
+                self.save(step)
+        return metrics
+
+    # --- phases ---------------------------------------------------------------------------
+    def rollout(self) -> RolloutBatch | None:
+        rows = self.sampler.next_batch(self.cfg.train.prompts_per_step)  # same on every rank
+        n = self.cfg.rollout.n_samples_per_prompt
+        if getattr(self.engine, "collective", False) or dist.get_rank() == 0:
+            samples = self.engine.generate([r.prompt_ids for r in rows], n, self.sampling)
+            return RolloutBatch(rows, samples, n) if dist.get_rank() == 0 else None
+        return None
+
+    def reward(self, batch: RolloutBatch | None) -> RolloutBatch:
+        if dist.get_rank() == 0:
+            tok = self.inputs.tokenizer
+            batch.texts = [tok.decode(s.token_ids, skip_special_tokens=True) for s in batch.samples]
+            results = self.inputs.rewards.score_batch(
+                [(batch.domain(i), t, batch.rows[s.prompt_index].fields)
+                 for i, (s, t) in enumerate(zip(batch.samples, batch.texts))])
+            batch.rewards = [r.reward for r in results]
+            batch.advantages = grpo_advantages(
+                torch.tensor(batch.rewards), batch.n,
+                scale_by_std=self.cfg.reward.grpo_std_normalize).tolist()
+        obj = [batch]
+        dist.broadcast_object_list(obj, src=0)
+        return obj[0]
+
+    def teacher_scores(self, batch: RolloutBatch):
+        """This DP rank's micro-batches for every optimizer step of the rollout batch, with
+        ``teacher_logp`` filled on the last pipeline stage."""
+        cfg, lay = self.cfg, self.layout
+        gbs, mbs = cfg.parallel.global_batch_size, cfg.parallel.micro_batch_size
+        per_rank = gbs // lay.dp
+        length = max(len(s.prompt_token_ids) + len(s.token_ids) for s in batch.samples) \
+            if cfg.parallel.pp > 1 else None  # PP exchanges one activation shape
+        steps = []
+        for j in range(cfg.optimizer.steps_per_rollout):
+            lo = j * gbs + lay.dp_rank * per_rank
+            steps.append(pack_microbatches(batch, list(range(lo, lo + per_rank)), mbs,
+                                           self.inputs.pad_id, length, self.device))
+        flat = [mb for s in steps for mb in s]
+        kl = self.teachers.score(flat, batch.domains, self.inputs.hf.vocab_size, mbs, length is not None)
+        return steps, kl
+
+    def student_update(self, steps: list[list[dict]]) -> list:
+        from .training.step import train_step
+        return [train_step(self.chunks, self.optimizer, self.scheduler, mbs, self.loss_fn,
+                           vocab_size=self.inputs.hf.vocab_size) for mbs in steps]
+
+    def sync_weights(self, step: int) -> float | None:
+        if not getattr(self.engine, "needs_weight_sync", True):
+            return None
+        from .trainer.sync import push_weights
+        return push_weights(self, step)
+
+    # --- metrics, checkpoints, eval ------------------------------------------------------
+    def metrics(self, batch: RolloutBatch, results, kl, parity, seconds: float) -> dict:
+        from megatron.core import parallel_state as ps
+        names = [f"kl/{t.name}" for t in self.teachers.teachers]
+        per_teacher = {}
+        for dom, v in kl.items():
+            key = f"kl/{self.teachers.by_domain[dom].name}"
+            per_teacher[key] = per_teacher.get(key, torch.zeros(2, dtype=torch.float64)) + v
+        contributes = ps.is_pipeline_last_stage(ignore_virtual=True) and self.layout.tp_rank == 0
+        m = reduce_microbatch_metrics([x for r in results for x in r.metrics], contributes,
+                                      self.cfg.loss.log_entropy, per_teacher, names)
+        m.update(self.timer.pop())
+        m["time/step"] = seconds
+        m["optim/lr"] = self.optimizer.param_groups[0]["lr"]
+        m["optim/skipped"] = float(sum(not r.ok for r in results))
+        if results[-1].grad_norm is not None:
+            m["optim/grad_norm"] = results[-1].grad_norm
+        if parity is not None:
+            m["rollout/parity_mean_abs"] = parity
+        lens = [len(s.token_ids) for s in batch.samples]
+        m["response_len/mean"] = sum(lens) / len(lens)
+        m["rollout/truncated_frac"] = sum(s.finish_reason == "length" for s in batch.samples) / len(lens)
+        m["tokens_per_s"] = sum(len(s.prompt_token_ids) + n for s, n in zip(batch.samples, lens)) / seconds
+        adv = torch.tensor(batch.advantages)
+        m["adv/orm_mean"], m["adv/orm_std"] = float(adv.mean()), float(adv.std(unbiased=False))
+        for d in self.cfg.domains:
+            rs = [r for r, dd in zip(batch.rewards, batch.domains) if dd == d]
+            if rs:
+                m[f"reward/{d}"] = sum(rs) / len(rs)
+                m[f"acc/{d}"] = sum(r >= 1.0 for r in rs) / len(rs)
+        return m
+
+    def should_save(self, step: int) -> bool:
+        c = self.cfg.checkpoint
+        return c.dir is not None and (step == self.cfg.train.steps or
+                                      (c.save_interval > 0 and step % c.save_interval == 0))
+
+    def save(self, step: int) -> None:
+        trainer_state = {"step": step, "sampler": self.sampler.state_dict(),
+                         "scheduler": self.scheduler.state_dict(),
+                         "engine": getattr(self.engine, "state_dict", dict)(),
+                         "losses": self.losses}
+        hook = self.hooks.get("checkpoint_write")
+        state.save_checkpoint(self.cfg.checkpoint.dir, step, self.chunks, self.optimizer,
+                              trainer_state, self.cfg.checkpoint.keep_last,
+                              before_commit=(lambda tmp: hook(self, step)) if hook else None)
+
+    def _resume(self) -> int:
+        path = state.resolve_resume(self.cfg)
+        if path is None:
+            return 0
+        st = state.load_checkpoint(path, self.chunks, self.optimizer)
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.sampler.load_state_dict(st["sampler"])
+        if hasattr(self.engine, "load_state_dict") and st.get("engine"):
+            self.engine.load_state_dict(st["engine"])
+        self.losses = list(st.get("losses", []))
+        if dist.get_rank() == 0:
+            print(f"resumed from {path} (step {st['step']})", flush=True)
+        if getattr(self.engine, "needs_weight_sync", True):
+            self.sync_weights(st["step"])
+        return int(st["step"])
+
+    def evaluate(self, teachers: bool) -> dict:
+        """Greedy accuracy per domain on data.eval_paths (student; teachers on their domains)."""
+        if not self.eval_rows or self.cfg.parallel.pp > 1:
+            return {}
+        inp = self.inputs
+        kw = dict(max_new_tokens=self.cfg.rollout.max_new_tokens, eos_id=inp.eos_id,
+                  pad_id=inp.pad_id, vocab_size=inp.hf.vocab_size)
+        out = {"student": greedy_accuracy(self.chunks, self.eval_rows, inp.tokenizer, inp.rewards, **kw)}
+        for t in self.teachers.teachers if teachers else []:
+            t.onload(self.device)
+            out[f"teacher:{t.name}"] = greedy_accuracy(t.chunks, self.eval_rows, inp.tokenizer,
+                                                       inp.rewards, domains=t.domains, **kw)
+            t.offload_()
+        return out
+
+    def phase(self, name: str, step: int):
+        if name in self.hooks:
+            self.hooks[name](self, step)
+        return self.timer(name)
+
+    def _tp_group(self):
+        from megatron.core import parallel_state as ps
+        return ps.get_tensor_model_parallel_group() if self.layout.tp > 1 else None
+
+    def close(self) -> None:
+        self.logger.close()
+        if self.engine is not None:
+            self.engine.shutdown()
+        self.inputs.rewards.close()
+
+
+def train_main(argv=None) -> int:
+    from .trainer.cli import main
+    return main(argv)

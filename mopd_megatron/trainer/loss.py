@@ -1,0 +1,79 @@
+"""The student's loss under Megatron's schedules, and the reduction of its metrics.
+
+Megatron (calculate_per_token_loss) divides the gradients by the global ``count`` summed over
+micro-batches and data-parallel ranks. ``mopd_loss`` with seq_mean already divides by the
+micro-batch's non-empty sequence count S, so loss_sum = loss * S (the sum of per-sequence
+means) and count = S give the mean over all sequences of the global batch; token_mean uses
+the token count the same way. Micro-batches hold whole sequences, so no sequence is split.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..ops import mopd_loss
+
+__all__ = ["make_mopd_loss_fn", "LOSS_KEYS", "reduce_microbatch_metrics"]
+
+# Token-weighted means from ops.mopd_loss (averaged over micro-batches and DP ranks by tokens)
+# -> the metric names the sinks show.
+LOSS_KEYS = {"is_weight_mean": "is/w_mean", "is_masked_frac": "is/masked_frac",
+             "teacher_term_mean": "adv/teacher_term_mean", "teacher_term_std": "adv/teacher_term_std",
+             "reverse_kl": "kl/all", "train_rollout_logratio": "rollout/train_minus_rollout_logp",
+             "entropy": "entropy"}
+
+
+def make_mopd_loss_fn(loss_cfg, alpha: float, temperature: float, tp_group):
+    """``loss_fn(batch, logits[b, s, V/tp]) -> (loss_sum, count, metrics)``."""
+    def loss_fn(batch, logits):
+        b, s, v = logits.shape
+        flat = logits.reshape(b * s, v)
+        if temperature != 1.0:
+            flat = flat / temperature  # log pi_theta at the temperature mu sampled at
+        loss, m = mopd_loss(
+            flat, batch["targets"].reshape(-1), batch["rollout_logp"].reshape(-1),
+            batch["teacher_logp"].reshape(-1), batch["orm_adv"].reshape(-1),
+            batch["loss_mask"].reshape(-1), batch["seq_ids"].reshape(-1),
+            loss_cfg.eps_low, loss_cfg.eps_high, alpha, tp_group,
+            aggregation=loss_cfg.aggregation, is_variant=loss_cfg.is_variant,
+            tis_cap=loss_cfg.tis_cap, entropy=loss_cfg.log_entropy)
+        units = m["sequences"] if loss_cfg.aggregation == "seq_mean" else m["response_tokens"]
+        loss_sum = loss * units
+        m = dict(m, loss_sum=loss_sum.detach(), units=units)
+        return loss_sum, units.to(torch.int), m
+    return loss_fn
+
+
+def reduce_microbatch_metrics(per_mb: list[dict], contributes: bool, entropy: bool,
+                              extra: dict[str, torch.Tensor] | None = None,
+                              extra_keys: list[str] = ()) -> dict[str, float]:
+    """All-reduce the last stage's micro-batch metrics over the world, so that every rank (and
+    rank 0, which logs) holds the global values. Only ranks with ``contributes`` (last pipeline
+    stage, TP rank 0) add their share, so nothing is counted twice.
+
+    ``extra[k]`` = tensor([sum, count]) pairs (e.g. per-domain KL), reduced the same way.
+    """
+    keys = [k for k in LOSS_KEYS if k != "entropy" or entropy]  # same length on every rank
+    vec = torch.zeros(len(keys) + 3 + 2 * len(extra_keys), dtype=torch.float64)
+    if contributes:
+        for m in per_mb:
+            tok = float(m["response_tokens"])
+            for j, k in enumerate(keys):
+                vec[j] += float(m[k]) * tok
+            vec[len(keys)] += tok
+            vec[len(keys) + 1] += float(m["loss_sum"])
+            vec[len(keys) + 2] += float(m["units"])
+        for j, k in enumerate(extra_keys):
+            if extra and k in extra:
+                vec[len(keys) + 3 + 2 * j: len(keys) + 5 + 2 * j] += extra[k].double()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(vec)
+    tok = max(float(vec[len(keys)]), 1.0)
+    out = {LOSS_KEYS[k]: float(vec[j]) / tok for j, k in enumerate(keys)}
+    out["loss"] = float(vec[len(keys) + 1]) / max(float(vec[len(keys) + 2]), 1.0)
+    out["tokens/response"] = float(vec[len(keys)])
+    for j, k in enumerate(extra_keys):
+        s, c = float(vec[len(keys) + 3 + 2 * j]), float(vec[len(keys) + 4 + 2 * j])
+        if c > 0:
+            out[k] = s / c
+    return out

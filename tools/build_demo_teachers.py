@@ -1,0 +1,245 @@
+#!/usr/bin/env python
+"""Build the embedded demo's inputs: a character tokenizer, prompt files for two synthetic
+domains, two specialist teachers and a weak student, all trained here on CPU, deterministically.
+
+Domains (exact-match rewards):
+    addition   "37+48="  -> "85"      two numbers in [0, 10**digits)
+    reversal   "cabhd>"  -> "dhbac"   strings over a-h, length 3..max_len
+
+Teachers are trained by supervised fine-tuning (masked cross-entropy on the answer and EOS) on
+their own domain only; the student gets a short SFT on both, so it knows the answer format but
+is weak at both. Everything goes to ``<out>/`` (default ``.cache/tiny_cpu``):
+
+    tokenizer/ (HF tokenizer files)   prompts.jsonl  eval.jsonl
+    student/{hf, mcore}   teacher_addition/{hf, mcore}   teacher_reversal/{hf, mcore}
+    build.json            the settings + a hash; a rerun with equal settings is a no-op
+
+``hf/`` holds config.json + tokenizer (the architecture); ``mcore/`` the Megatron dist-checkpoint.
+
+    python tools/build_demo_teachers.py --recipe recipes/tiny_cpu.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+LETTERS = "abcdefgh"
+SPECIALS = ["<pad>", "<s>", "</s>"]
+VOCAB = SPECIALS + list("0123456789") + ["+", "=", ">"] + list(LETTERS)
+PAD, BOS, EOS = 0, 1, 2
+
+
+@dataclass
+class DemoSettings:
+    """What the demo is made of; any change rebuilds the cache."""
+
+    out: str = ".cache/tiny_cpu"
+    seed: int = 0
+    digits: int = 2                 # addition operands in [0, 10**digits)
+    max_len: int = 5                # reversal strings of length 3..max_len
+    train_prompts: int = 4000       # per domain, for SFT and for MOPD prompts
+    eval_prompts: int = 200         # per domain, held out (never trained on)
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    ffn: int = 192
+    teacher_steps: int = 1200
+    student_steps: int = 150
+    batch: int = 64
+    lr: float = 3e-3
+    extra: dict = field(default_factory=dict)
+
+    def digest(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True) + Path(__file__).read_text()
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --- tasks ------------------------------------------------------------------------------------
+def make_row(domain: str, rng: random.Random, s: DemoSettings) -> dict:
+    if domain == "addition":
+        a, b = rng.randrange(10 ** s.digits), rng.randrange(10 ** s.digits)
+        return {"domain": "addition", "prompt": f"{a}+{b}=", "answer": str(a + b)}
+    n = rng.randint(3, s.max_len)
+    w = "".join(rng.choice(LETTERS) for _ in range(n))
+    return {"domain": "reversal", "prompt": f"{w}>", "answer": w[::-1]}
+
+
+def make_splits(s: DemoSettings) -> tuple[list[dict], list[dict]]:
+    """Disjoint train / held-out eval prompts per domain."""
+    rng = random.Random(s.seed)
+    train, evals = [], []
+    for dom in ("addition", "reversal"):
+        seen: set[str] = set()
+        rows = []
+        while len(rows) < s.train_prompts + s.eval_prompts:
+            r = make_row(dom, rng, s)
+            if r["prompt"] not in seen or len(seen) > 0.9 * _space(dom, s):
+                seen.add(r["prompt"])
+                rows.append(r)
+        evals += rows[:s.eval_prompts]
+        held = {r["prompt"] for r in rows[:s.eval_prompts]}
+        train += [r for r in rows[s.eval_prompts:] if r["prompt"] not in held]
+    return train, evals
+
+
+def _space(dom: str, s: DemoSettings) -> int:
+    if dom == "addition":
+        return 10 ** (2 * s.digits)
+    return sum(len(LETTERS) ** n for n in range(3, s.max_len + 1))
+
+
+def build_tokenizer():
+    """Character-level tokenizer (one token per character, BOS prepended)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<pad>")
+
+
+def hf_config(s: DemoSettings) -> dict:
+    return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=len(VOCAB),
+                hidden_size=s.hidden, intermediate_size=s.ffn, num_hidden_layers=s.layers,
+                num_attention_heads=s.heads, num_key_value_heads=s.heads // 2,
+                max_position_embeddings=64, rms_norm_eps=1e-6, hidden_act="silu",
+                rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.02,
+                bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, torch_dtype="float32")
+
+
+# --- supervised training (Megatron, this process) ----------------------------------------------
+def sft_batches(rows: list[dict], tokenizer, batch: int, steps: int, seed: int):
+    """Yield [micro-batch] lists: tokens = BOS prompt answer EOS, loss on answer + EOS."""
+    import torch
+    rng = random.Random(seed)
+    for _ in range(steps):
+        picked = [rng.choice(rows) for _ in range(batch)]
+        seqs, starts = [], []
+        for r in picked:
+            p = tokenizer(r["prompt"])["input_ids"]
+            a = tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [EOS]
+            seqs.append(p + a)
+            starts.append(len(p))
+        L = max(map(len, seqs))
+        tokens = torch.full((batch, L), PAD, dtype=torch.long)
+        mask = torch.zeros(batch, L)
+        for i, (q, st) in enumerate(zip(seqs, starts)):
+            tokens[i, :len(q)] = torch.tensor(q)
+            mask[i, st - 1:len(q) - 1] = 1  # position t predicts token t+1
+        labels = torch.roll(tokens, -1, 1)
+        yield [dict(tokens=tokens, position_ids=torch.arange(L).expand(batch, L), labels=labels,
+                    loss_mask=mask)]
+
+
+def train_model(hf: dict, rows: list[dict], tokenizer, steps: int, s: DemoSettings, seed: int,
+                out_dir: Path, log_every: int = 200) -> None:
+    import torch
+    from mopd_megatron.models.builder import BuildOptions, build_model_chunks
+    from mopd_megatron.models.hf_config import load_hf_config
+    from mopd_megatron.runtime import set_seed
+    from mopd_megatron.training import dist_ckpt
+    from mopd_megatron.training.losses import masked_token_ce
+    from mopd_megatron.training.optimizer import OptimSettings, build_optimizer, wrap_ddp
+    from mopd_megatron.training.step import train_step
+    set_seed(seed)
+    h = load_hf_config(hf)
+    settings = OptimSettings(lr=s.lr, min_lr=s.lr * 0.1, adam_beta2=0.98, warmup_steps=20,
+                             decay_steps=steps, decay_style="cosine", distributed=False,
+                             clip_grad=1.0)
+    chunks = wrap_ddp(build_model_chunks(h, BuildOptions(dtype="fp32")), settings)
+    opt, sched = build_optimizer(chunks, settings, torch.float32)
+    t0 = time.time()
+    for i, mbs in enumerate(sft_batches(rows, tokenizer, s.batch, steps, seed)):
+        res = train_step(chunks, opt, sched, mbs, masked_token_ce, vocab_size=h.vocab_size)
+        if (i + 1) % log_every == 0 or i + 1 == steps:
+            m = res.metrics[0]
+            print(f"  sft {out_dir.name}: step {i + 1}/{steps} loss "
+                  f"{float(m['loss_sum'] / m['tokens']):.4f} ({time.time() - t0:.0f}s)", flush=True)
+    hf_dir, mc_dir = out_dir / "hf", out_dir / "mcore"
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    (hf_dir / "config.json").write_text(json.dumps(hf, indent=1))
+    tokenizer.save_pretrained(str(hf_dir))
+    dist_ckpt.save(str(mc_dir), chunks)
+
+
+def build(s: DemoSettings, force: bool = False) -> Path:
+    """Build (or reuse) everything under ``s.out``; returns that directory."""
+    out = Path(s.out)
+    stamp = out / "build.json"
+    if not force and stamp.is_file() and json.loads(stamp.read_text()).get("digest") == s.digest():
+        print(f"demo inputs up to date in {out} (delete it or pass --force to rebuild)")
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    t0 = time.time()
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(str(out / "tokenizer"))
+    train, evals = make_splits(s)
+    for name, rows in (("prompts.jsonl", train), ("eval.jsonl", evals)):
+        with open(out / name, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    from mopd_megatron.runtime import init_runtime
+    _free_port_env()
+    init_runtime(1, 1, None, s.seed)
+    hf = hf_config(s)
+    by_dom = {d: [r for r in train if r["domain"] == d] for d in ("addition", "reversal")}
+    for i, dom in enumerate(("addition", "reversal")):
+        train_model(hf, by_dom[dom], tokenizer, s.teacher_steps, s, s.seed + 1 + i,
+                    out / f"teacher_{dom}")
+    train_model(hf, train, tokenizer, s.student_steps, s, s.seed + 10, out / "student")
+    stamp.write_text(json.dumps({"digest": s.digest(), "settings": asdict(s),
+                                 "seconds": round(time.time() - t0, 1)}, indent=1))
+    print(f"built demo inputs in {out} in {time.time() - t0:.0f}s")
+    return out
+
+
+def _free_port_env() -> None:
+    """A single-process run still initialises torch.distributed: pick a free port."""
+    if "MASTER_PORT" not in os.environ and "RANK" not in os.environ:
+        import socket
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+
+
+def settings_from_recipe(path: str) -> DemoSettings:
+    """A recipe is a pure MOPDConfig (no demo section), so the demo settings are this tool's
+    defaults and flags; the recipe only decides where they go: model.hf_config is
+    ``<out>/student/hf``."""
+    from mopd_megatron.config import load_recipe
+    cfg = load_recipe(path)
+    return DemoSettings(out=str(Path(cfg.model.hf_config).parent.parent))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default=None, help="take the output directory from this recipe")
+    ap.add_argument("--out", default=None, help="output directory (default .cache/tiny_cpu)")
+    ap.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
+    for f in ("seed", "teacher_steps", "student_steps", "hidden", "layers", "ffn", "batch"):
+        ap.add_argument("--" + f.replace("_", "-"), type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    args = ap.parse_args(argv)
+    s = settings_from_recipe(args.recipe) if args.recipe else DemoSettings()
+    if args.out:
+        s.out = args.out
+    for f in ("seed", "teacher_steps", "student_steps", "hidden", "layers", "ffn", "batch", "lr"):
+        if getattr(args, f) is not None:
+            setattr(s, f, getattr(args, f))
+    build(s, force=args.force)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    main()
