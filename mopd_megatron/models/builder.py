@@ -123,4 +123,10 @@ def build_model_chunks(hf: HFModelConfig, opts: BuildOptions | None = None,
             rope_scaling_factor=hf.rope_scaling_factor or 8.0,
             vp_stage=vp,
         ))
+    if config.params_dtype != torch.float32:
+        # torch's RMSNorm fallback creates fp32 weights; Megatron-LM's Float16Module would cast
+        # them, but it also upcasts the logits to fp32 (a full [tokens, V/tp] copy the fused
+        # loss exists to avoid), so cast the parameters here instead.
+        for chunk in chunks:
+            chunk.to(dtype=config.params_dtype)
     return chunks
