@@ -19,5 +19,5 @@ export MOPD_RECIPE=${MOPD_RECIPE:-recipes/mopd_70b.yaml}
 # Under sbatch this file runs from Slurm's spool; the repository is where sbatch was called.
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=${MOPD_REPO:-${SLURM_SUBMIT_DIR:-$HERE/..}}
-export MOPD_REPO=$REPO MOPD_BATCH_SCRIPT=${MOPD_BATCH_SCRIPT:-${BASH_SOURCE[0]}}
+export MOPD_REPO=$REPO MOPD_BATCH_SCRIPT=${MOPD_BATCH_SCRIPT:-$HERE/$(basename "${BASH_SOURCE[0]}")}
 exec bash "$REPO/slurm/launch.sh" "$@"

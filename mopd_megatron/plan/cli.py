@@ -67,8 +67,9 @@ def format_plan(plan: Plan, title: str = "") -> str:
                f"{f' VPP={x.vpp}' if x.vpp else ''}{' SP' if x.sequence_parallel else ''}; "
                f"micro-batch {x.micro_batch_size} x {x.seq_len} tokens, {x.micro_batches} "
                f"micro-batches per step; recompute={x.recompute}")
-    out.append(f"  card      {x.gpu_mem_gib:.1f} GiB; heaviest pipeline stage {plan.stage} of "
-               f"{x.pp}; peak in phase '{plan.peak_phase}'")
+    out.append(f"  card      {x.gpu_mem_gib:.1f} GiB; heaviest pipeline stage {plan.stage + 1} of "
+               f"{x.pp}; peak in phase '{plan.peak_phase}' (phases run one at a time; colocated "
+               "engines release their memory while the student trains)")
     out.append("")
     out.append(f"  {'term':38s} {'phase':8s} {'GiB':>8s}  note")
     for t in plan.terms:
