@@ -238,3 +238,23 @@ def test_real_slurm_cancel_leaves_nothing_behind(local_slurm, tmp_path):
         time.sleep(0.5)
     assert _job_processes(jid) == []
     assert "[launch] signal: stopping steps" in (tmp_path / f"slurm-{jid}.out").read_text()
+
+
+@pytest.mark.slow
+def test_real_slurm_job_refuses_a_plan_that_does_not_fit(local_slurm, tmp_path):
+    """The memory gate runs inside the job, before srun: 70B at TP=8 x PP=1 on one 8-GPU node
+    (the node here has no GPUs; the planner only needs the numbers) must fail with the reason."""
+    env = _clean_env(MOPD_GPUS_PER_NODE="8", MOPD_PYTHON=sys.executable,
+                     MOPD_OVERRIDES="parallel.pp=1", MOPD_LOG_DIR=str(tmp_path / "logs"),
+                     MOPD_RANK_CMD="echo must-not-run")
+    sub = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0",
+         f"--output={tmp_path}/slurm-%j.out", str(SCRIPT)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    jid = sub.stdout.strip().split(";")[0]
+    f = _wait_job(jid, 120)
+    out = (tmp_path / f"slurm-{jid}.out").read_text()
+    assert f["JobState"] == "FAILED" and f["ExitCode"] == "1:0", f"{f}\n{out}"
+    assert "DOES NOT FIT" in out and "refusing to start a run that does not fit" in out
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())

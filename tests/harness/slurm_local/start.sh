@@ -7,9 +7,10 @@
 #   tests/harness/slurm_local/stop.sh             # stops exactly what start.sh started
 #
 # Env: SLURM_LOCAL_DIR (state, logs, pid files; default /tmp/mopd-slurm-local),
-#      SLURM_LOCAL_CPUS (CPUs the node advertises; default: the real count, at least 2).
+#      SLURM_LOCAL_CPUS (CPUs the node advertises; default: the real count, at least 2),
+#      SLURM_LOCAL_FORCE=1 (replace an /etc/slurm/slurm.conf this script did not write).
 set -euo pipefail
-[[ ${1:-} == -h || ${1:-} == --help ]] && { sed -n '2,10p' "$0"; exit 0; }
+[[ ${1:-} == -h || ${1:-} == --help ]] && { sed -n '2,11p' "$0"; exit 0; }
 [[ $(id -u) == 0 ]] || { echo "start.sh: must run as root (it starts munged and slurmd)" >&2; exit 1; }
 
 BASE=${SLURM_LOCAL_DIR:-/tmp/mopd-slurm-local}
@@ -31,6 +32,14 @@ if (( ${#need[@]} )); then
 fi
 export PATH=$PATH:/usr/sbin
 
+# Never clobber a real cluster's config (checked before anything is started).
+MARK="# written by mopd-megatron tests/harness/slurm_local/start.sh"
+if [[ -s /etc/slurm/slurm.conf ]] && ! grep -qF "$MARK" /etc/slurm/slurm.conf \
+   && [[ ${SLURM_LOCAL_FORCE:-0} != 1 ]]; then
+  echo "refusing to overwrite /etc/slurm/slurm.conf written by someone else (a real cluster" \
+       "config?); set SLURM_LOCAL_FORCE=1 to replace it" >&2
+  exit 1
+fi
 # 2. slurmd finds itself by name: the short hostname must resolve.
 getent hosts "$NODE" >/dev/null || echo "127.0.0.1 $NODE" >> /etc/hosts
 
@@ -60,6 +69,7 @@ mem_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
 # config_overrides lets slurmd advertise the CPUs= given here even when it differs from the
 # hardware (a 2-task job on a 1-core runner would otherwise pend forever).
 cat > /etc/slurm/slurm.conf <<CONF
+$MARK
 ClusterName=mopdlocal
 SlurmctldHost=$NODE
 SlurmUser=root
