@@ -78,7 +78,11 @@ class HFModelConfig:
     def transformer_config_kwargs(self) -> dict[str, Any]:
         """Architecture fields of megatron's TransformerConfig (no parallelism, no dtypes)."""
         kw = {mc: getattr(self, mc) for _, mc in CONFIG_FIELDS}
-        kw.update(normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=False,
+        import torch.nn.functional as F
+        # SwiGLU: TransformerConfig's default activation is GELU, which silently gives another
+        # model (only hidden_act="silu" is accepted by load_hf_config).
+        kw.update(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
+                  add_bias_linear=False,
                   add_qkv_bias=self.qkv_bias, qk_layernorm=self.qk_layernorm,
                   hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False,
                   masked_softmax_fusion=False, persist_layer_norm=False,
