@@ -1,10 +1,11 @@
 """slurm/mopd_70b.sh: the dry-run plan for the full 70B layout, placement rules, and a real
 job on a local Slurm (munged + slurmctld + slurmd started by tests/harness/slurm_local/).
 
-Switching the real-Slurm test to the trainer: set REAL_TRAINER = True below (or run with
-MOPD_SLURM_REAL_TRAINER=1). The job then runs `python -m mopd_megatron.cli train` on
-recipes/tiny_cpu.yaml (2 steps, checkpoint every step) instead of the rank-checking stand-in,
-and the test asserts a checkpoint and the metrics file instead of the stand-in's rank files.
+The real job runs twice, with the same script and environment overrides: once with the
+trainer command (`python -m mopd_megatron.cli train` on recipes/tiny_cpu.yaml, 2 steps,
+checkpoint every step: asserts the checkpoint and the metrics file) and once with the trainer
+command replaced by a rank-checking stand-in (MOPD_RANK_CMD: asserts SLURM_PROCID/NTASKS and
+MASTER_ADDR reachable with a gloo all_reduce). MOPD_SLURM_REAL_TRAINER=0 skips the trainer run.
 """
 import json
 import os
@@ -20,8 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "mopd_70b.sh"
 HARNESS = REPO / "tests" / "harness" / "slurm_local"
 
-# Flip once `mopd train` works on recipes/tiny_cpu.yaml (see the module docstring).
-REAL_TRAINER = os.environ.get("MOPD_SLURM_REAL_TRAINER", "0") == "1"
+RUN_TRAINER = os.environ.get("MOPD_SLURM_REAL_TRAINER", "1") != "0"
 
 
 def _clean_env(**extra) -> dict:
@@ -161,7 +161,11 @@ def _job_processes(jid: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_real_slurm_job_tiny_cpu_two_tasks(local_slurm, tmp_path):
+@pytest.mark.parametrize("trainer", ["mopd_train", "rank_check"])
+def test_real_slurm_job_tiny_cpu_two_tasks(local_slurm, tmp_path, trainer):
+    REAL_TRAINER = trainer == "mopd_train"
+    if REAL_TRAINER and not RUN_TRAINER:
+        pytest.skip("MOPD_SLURM_REAL_TRAINER=0")
     run = tmp_path / "run"
     run.mkdir()            # slurmstepd opens --output before the script runs (else exit 0:53)
     env = _clean_env(MOPD_RECIPE="recipes/tiny_cpu.yaml", MOPD_GPUS_PER_NODE="0",
