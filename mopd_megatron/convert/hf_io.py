@@ -1,0 +1,104 @@
+"""Hugging Face checkpoint directories: read tensors one at a time, write sharded safetensors.
+
+Reading opens the safetensors file per tensor, so no memory map stays resident across the
+conversion (mapped pages would count against the process however large the model is).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+# Copied verbatim between an HF directory and a converted checkpoint.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+# Non-parameter entries some exporters leave in safetensors files.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class HFCheckpoint:
+    """Tensor names, shapes and dtypes of an HF directory's safetensors files (headers only)."""
+
+    def __init__(self, hf_dir: str):
+        from safetensors import safe_open
+        self.dir = hf_dir
+        files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{hf_dir}: no *.safetensors files (only safetensors "
+                                    "checkpoints are supported)")
+        self.file_of: dict[str, str] = {}
+        self.shape: dict[str, tuple[int, ...]] = {}
+        for f in files:
+            with safe_open(os.path.join(hf_dir, f), framework="pt") as fh:
+                for name in fh.keys():
+                    if name.endswith(IGNORED_SUFFIXES):
+                        continue
+                    if name in self.file_of:
+                        raise ValueError(f"{hf_dir}: tensor {name} is in both "
+                                         f"{self.file_of[name]} and {f}")
+                    self.file_of[name] = f
+                    self.shape[name] = tuple(fh.get_slice(name).get_shape())
+
+    def read(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+        with safe_open(os.path.join(self.dir, self.file_of[name]), framework="pt") as fh:
+            return fh.get_tensor(name)
+
+
+def reference_shapes(raw_config: dict) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the HF model that ``transformers`` builds from this config (on the
+    meta device: no memory). Tied weights appear once, as HF saves them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    fields = {k: v for k, v in raw_config.items() if k not in ("model_type", "transformers_version")}
+    config = AutoConfig.for_model(raw_config["model_type"], **fields)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def copy_side_files(src_dir: str, dst_dir: str) -> list[str]:
+    """Copy tokenizer and generation files that exist in ``src_dir``; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = os.path.join(src_dir, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(dst_dir, name))
+            copied.append(name)
+    return copied
+
+
+def write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+
+
+def plan_shards(sizes: list[int], max_shard_bytes: int) -> list[list[int]]:
+    """Group consecutive entries (byte sizes) into shards of at most ``max_shard_bytes``
+    (an entry larger than the limit gets a shard of its own)."""
+    shards, current, used = [], [], 0
+    for i, n in enumerate(sizes):
+        if current and used + n > max_shard_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        shards.append(current)
+    return shards
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def require_empty_dir(path: str) -> None:
+    """Refuse to mix a new conversion with stale files of an old one."""
+    if os.path.isdir(path) and os.listdir(path):
+        raise FileExistsError(f"output directory {path} is not empty; choose a new one")
+    os.makedirs(path, exist_ok=True)

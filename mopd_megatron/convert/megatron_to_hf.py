@@ -1,0 +1,108 @@
+"""Megatron torch_dist checkpoint -> HF directory (sharded safetensors + index, config.json,
+tokenizer files), streaming: one Megatron tensor-layer is read at a time and at most one
+output shard is held in memory.
+
+Works on any torch_dist model checkpoint (whatever TP/PP/DP wrote it): keys are layout-free.
+The HF config comes from ``config.json`` next to the checkpoint (written there by the HF ->
+Megatron converter) or from ``hf_config``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..models.hf_config import hf_config_dict, load_hf_config
+from . import dcp_io
+from .hf_io import (DTYPE_NAMES, copy_side_files, plan_shards, reference_shapes,
+                    require_empty_dir, shard_name, write_json)
+from .mappings import ConversionError
+from .tables import Item, context, items
+
+
+def find_config_dir(ckpt_dir: str) -> str:
+    """The directory holding the model's ``config.json``: the checkpoint or its parent."""
+    for d in (ckpt_dir, os.path.dirname(os.path.abspath(ckpt_dir))):
+        if os.path.isfile(os.path.join(d, "config.json")):
+            return d
+    raise FileNotFoundError(f"no config.json in {ckpt_dir} or its parent: pass --hf-config DIR "
+                            "(an HF directory of the same model; its tokenizer is copied too)")
+
+
+def _check_keys(ckpt_dir: str, md: dict, todo: list[Item], num_layers: int) -> None:
+    expected = {it.key for it in todo}
+    missing, extra = sorted(expected - set(md)), sorted(set(md) - expected)
+    if missing or extra:
+        raise ConversionError(f"{ckpt_dir}: checkpoint tensors do not match the architecture "
+                              f"table:\n  missing: {missing}\n  unexpected: {extra}")
+    for it in todo:
+        if it.layer is not None and md[it.key].size[0] != num_layers:
+            raise ConversionError(f"{it.key}: checkpoint stacks {md[it.key].size[0]} layers, "
+                                  f"config.json has num_hidden_layers={num_layers}")
+
+
+def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, hf_config: str | None = None,
+                           max_shard_mb: float = 2048, progress: bool = False) -> dict:
+    """Write ``out_dir``; returns the safetensors index (``weight_map`` and total size)."""
+    md = dcp_io.tensor_metadata(ckpt_dir)
+    config_dir = hf_config or find_config_dir(ckpt_dir)
+    cfg = load_hf_config(config_dir)
+    todo = items(cfg)
+    _check_keys(ckpt_dir, md, todo, cfg.num_layers)
+    ctx = context(cfg, padded_vocab=md["embedding.word_embeddings.weight"].size[0])
+    ref = reference_shapes(cfg.raw)
+
+    # Plan: HF shapes from the mapping on meta tensors, checked against transformers' model.
+    per_item_bytes = []
+    for it in todo:
+        size = md[it.key].size[1:] if it.layer is not None else md[it.key].size
+        metas = it.row.mapping.to_hf(torch.empty(size, device="meta"), ctx)
+        for name, t in zip(it.hf_names, metas):
+            if tuple(t.shape) != ref[name]:
+                raise ConversionError(f"{it}: gives {name} of shape {tuple(t.shape)}, config "
+                                      f"implies {ref[name]}")
+        per_item_bytes.append(sum(t.numel() for t in metas)
+                              * md[it.key].properties.dtype.itemsize)
+    shards = plan_shards(per_item_bytes, int(max_shard_mb * 2**20))
+
+    require_empty_dir(out_dir)
+    from safetensors.torch import save_file
+    weight_map, dtypes = {}, set()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), unit="tensor", desc="megatron -> hf")
+    for s, shard in enumerate(shards):
+        name = shard_name(s, len(shards))
+        tensors = {}
+        for idx in shard:
+            it = todo[idx]
+            meta = md[it.key]
+            if it.layer is None:
+                full = dcp_io.read_chunk(ckpt_dir, it.key, meta, (0,) * len(meta.size),
+                                         tuple(meta.size))
+            else:  # one layer of the stacked key: [1, ...] -> [...]
+                start = (it.layer,) + (0,) * (len(meta.size) - 1)
+                full = dcp_io.read_chunk(ckpt_dir, it.key, meta, start, (1, *meta.size[1:]))[0]
+            for hf_name, t in zip(it.hf_names, it.row.mapping.to_hf(full, ctx)):
+                # Own storage per tensor: safetensors refuses views that share a buffer.
+                tensors[hf_name] = t.clone() if t.untyped_storage().nbytes() != t.nbytes else t
+                weight_map[hf_name] = name
+            dtypes.add(meta.properties.dtype)
+            if bar:
+                bar.update(1)
+        save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
+        del tensors
+    if bar:
+        bar.close()
+
+    total = sum(per_item_bytes)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
+    config = hf_config_dict(cfg)
+    if len(dtypes) == 1:
+        config["dtype"] = DTYPE_NAMES.get(dtypes.pop(), config.get("dtype"))
+    config.pop("torch_dtype", None)
+    write_json(os.path.join(out_dir, "config.json"), config)
+    copy_side_files(config_dir, out_dir)
+    return index
