@@ -140,7 +140,12 @@ def load_hf_config(source) -> HFModelConfig:
     heads = int(raw["num_attention_heads"])
     hidden = int(raw["hidden_size"])
     head_dim = raw.get("head_dim") or hidden // heads
-    attn_bias = bool(raw.get(q.bias_field, False)) if q.bias_field else False
+    if q.bias_field and raw.get(q.bias_field):
+        # HF's attention_bias also puts a bias on o_proj; megatron's add_qkv_bias covers q/k/v
+        # only (add_bias_linear would add MLP biases as well), so the model cannot be built.
+        raise UnsupportedModelError(f"{where}: {q.bias_field}=true is not supported (o_proj "
+                                    "bias has no Megatron equivalent without MLP biases)")
+    attn_bias = False
     if raw.get("mlp_bias"):
         raise UnsupportedModelError(f"{where}: mlp_bias=true is not supported")
     if raw.get("hidden_act", "silu") != "silu":
