@@ -67,9 +67,9 @@ _QK_NORM = (
 )
 
 TABLES: dict[str, tuple[Row, ...]] = {
-    "LlamaForCausalLM": _DENSE + (_QKV_BIAS,),            # bias only with attention_bias=true
+    "LlamaForCausalLM": _DENSE,  # attention_bias=true is refused by load_hf_config
     "Qwen2ForCausalLM": _DENSE + (_QKV_BIAS,),
-    "Qwen3ForCausalLM": _DENSE + (_QKV_BIAS,) + _QK_NORM,
+    "Qwen3ForCausalLM": _DENSE + _QK_NORM,
 }
 assert set(TABLES) == set(ARCHITECTURES), "every buildable architecture needs a table"
 
