@@ -50,16 +50,20 @@ def plan(cfg, world_size: int) -> str:
     return "\n".join(lines)
 
 
-def _ensure_demo_inputs(recipe: str, cfg) -> None:
-    """The embedded demo builds its tiny teachers/student on first use (cached in .cache/)."""
-    if Path(recipe).resolve() != Path(default_recipe()).resolve():
+DEMO_STUDENT = ".cache/tiny_cpu/student/hf"  # the embedded recipe's model.hf_config
+
+
+def _ensure_demo_inputs(cfg) -> None:
+    """The embedded demo builds its tiny teachers/student on first use (cached in .cache/);
+    only when the run points at the demo's own inputs."""
+    if cfg.model.hf_config != DEMO_STUDENT:
         return
     root = Path(default_recipe()).resolve().parent.parent
     tool = root / "tools" / "build_demo_teachers.py"
     if tool.is_file():
         import runpy
         mod = runpy.run_path(str(tool))
-        mod["main"](["--recipe", recipe])
+        mod["main"](["--out", str(Path(DEMO_STUDENT).parent.parent)])
 
 
 def format_report(report: dict) -> str:
@@ -85,7 +89,7 @@ def main(argv=None) -> int:
             print(plan(cfg, world))
             return 0
         if launch_env().rank == 0:
-            _ensure_demo_inputs(recipe, cfg)
+            _ensure_demo_inputs(cfg)
         _single_process_port()
         from ..train import Trainer
         trainer = Trainer(cfg)

@@ -1,0 +1,109 @@
+"""Bad inputs stop ``mopd train`` with a clear error before any model is built and without
+writing anything (no checkpoint directory, no metrics file)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from train_helpers import RECIPE, recipe_overrides, tiny_inputs
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return tiny_inputs(tmp_path_factory.mktemp("tiny_demo"))
+
+
+def run_cli(overrides, capsys):
+    from mopd_megatron.trainer.cli import main
+    code = main(["--recipe", RECIPE, *[a for o in overrides for a in ("--set", o)]])
+    return code, capsys.readouterr().err
+
+
+def assert_nothing_written(run: Path):
+    assert not (run / "ckpt").exists() and not (run / "metrics.jsonl").exists()
+
+
+def test_malformed_row_names_file_and_line(tiny, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"domain": "addition", "prompt": "1+2=", "answer": "3"}\n{"domain": "addition", "prompt": \n')
+    code, err = run_cli(recipe_overrides(tiny, tmp_path / "run", extra=[f"data.paths=[{bad}]"]), capsys)
+    assert code == 2 and f"{bad}:2" in err and "bad_json" in err
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_unknown_domain_row(tiny, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"domain": "poetry", "prompt": "roses", "answer": "red"}\n')
+    code, err = run_cli(recipe_overrides(tiny, tmp_path / "run", extra=[f"data.paths=[{bad}]"]), capsys)
+    assert code == 2 and "poetry" in err and f"{bad}:1" in err
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_domain_without_teacher(tiny, tmp_path, capsys):
+    extra = ["data.domain_weights={addition: 1.0, reversal: 1.0, copy: 1.0}",
+             "reward.verifiers.copy={type: exact_match}"]
+    code, err = run_cli(recipe_overrides(tiny, tmp_path / "run", extra=extra), capsys)
+    assert code == 2 and "'copy' has no teacher" in err
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_teacher_vocabulary_mismatch(tiny, tmp_path, capsys):
+    other = tmp_path / "teacher_hf"
+    shutil.copytree(tiny / "teacher_addition" / "hf", other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["vocab_size"] += 8
+    (other / "config.json").write_text(json.dumps(cfg))
+    code, err = run_cli(recipe_overrides(tiny, tmp_path / "run", extra=[f"teachers[0].hf_config={other}"]), capsys)
+    assert code == 2 and "teachers[0].hf_config" in err and "vocab_size" in err
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_teacher_tokenizer_mismatch(tiny, tmp_path, capsys):
+    other = tmp_path / "teacher_hf"
+    shutil.copytree(tiny / "teacher_addition" / "hf", other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]  # same size, two ids swapped
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    code, err = run_cli(recipe_overrides(tiny, tmp_path / "run", extra=[f"teachers[0].hf_config={other}"]), capsys)
+    assert code == 2 and "tokenizer differs" in err
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_missing_checkpoint(tiny, tmp_path, capsys):
+    extra = [f"teachers[1].checkpoint={tmp_path}/nowhere"]
+    code, err = run_cli(recipe_overrides(tiny, tmp_path / "run", extra=extra), capsys)
+    assert code == 2 and "teachers[1].checkpoint" in err and "does not exist" in err
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_not_a_megatron_checkpoint(tiny, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = run_cli(recipe_overrides(tiny, tmp_path / "run", extra=[f"model.checkpoint={empty}"]), capsys)
+    assert code == 2 and "model.checkpoint" in err and "metadata.json" in err
+    assert_nothing_written(tmp_path / "run")
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optimizer.lrr=1e-3", "unknown field (did you mean: lr?)"),
+    ("loss.eps_low=2.0", "loss.eps_low"),
+    ("parallel.global_batch_size=12", "parallel.global_batch_size"),
+    ("rollout.engine=vllm", "rollout.engine"),
+])
+def test_bad_override(tiny, tmp_path, capsys, override, needle):
+    code, err = run_cli(recipe_overrides(tiny, tmp_path / "run", extra=[override]), capsys)
+    assert code == 2 and needle in err and "--set" in err
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tiny, tmp_path, capsys):
+    from mopd_megatron.trainer.cli import main
+    overrides = recipe_overrides(tiny, tmp_path / "run")
+    assert main(["--recipe", RECIPE, "--dry-run", *[a for o in overrides for a in ("--set", o)]]) == 0
+    out = capsys.readouterr().out
+    assert "3 steps x 4 prompts x 4 samples = 16 sequences per rollout" in out
+    assert_nothing_written(tmp_path / "run")

@@ -1,0 +1,94 @@
+"""The whole loop at TP=2, PP=2 and DP=2 on gloo, replaying one recorded rollout (record once,
+replay many), against the TP=1 run that recorded it; and the golden per-step losses of that tiny
+deterministic run (tests/assets/train_golden_losses.json).
+
+Regenerate the golden file after an intended change of the numbers:
+    python tests/test_train_layouts.py --update-golden
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist_helpers import run_ranks
+from train_helpers import RECIPE, recipe_overrides, tiny_inputs
+
+pytestmark = pytest.mark.slow
+
+GOLDEN = Path(__file__).parent / "assets" / "train_golden_losses.json"
+STEPS = 3
+# fp32 everywhere; TP/PP/DP change only the order of reductions (and the all-reduces), so the
+# per-step losses agree to float32 rounding amplified by three optimizer steps.
+LAYOUT_ATOL = 2e-4
+GOLDEN_RTOL = 1e-5
+
+
+def _overrides(tiny, run, extra=()):
+    return recipe_overrides(tiny, run, steps=STEPS, extra=["checkpoint.dir=null", *extra])
+
+
+def record(rank, world, tiny, run, rec_path):
+    from mopd_megatron.config import load_recipe
+    from mopd_megatron.train import Trainer
+    from mopd_megatron.trainer.replay import RecordingEngine
+    trainer = Trainer(load_recipe(RECIPE, _overrides(tiny, run)))
+    trainer.engine = RecordingEngine(trainer.engine, rec_path)
+    try:
+        return trainer.train()["losses"]
+    finally:
+        trainer.close()
+
+
+def replay(rank, world, tiny, run, rec_path, layout):
+    from mopd_megatron.config import load_recipe
+    from mopd_megatron.train import Trainer
+    from mopd_megatron.trainer.replay import ReplayEngine
+    extra = [f"parallel.{k}={v}" for k, v in layout.items()] + ["rollout.engine=sglang"]
+    trainer = Trainer(load_recipe(RECIPE, _overrides(tiny, run, extra)), engine=ReplayEngine(rec_path))
+    try:
+        return trainer.train()["losses"]
+    finally:
+        trainer.close()
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("record")
+    tiny = tiny_inputs(tmp / "tiny")
+    rec = tmp / "rollouts.pt"
+    losses = run_ranks(record, 1, str(tiny), str(tmp / "run"), str(rec))[0]
+    return tiny, rec, losses
+
+
+def test_golden_losses(recorded):
+    _, _, losses = recorded
+    golden = json.loads(GOLDEN.read_text())["losses"]
+    assert losses == pytest.approx(golden, rel=GOLDEN_RTOL, abs=1e-7)
+
+
+@pytest.mark.parametrize("layout, world", [({"tp": 1}, 1), ({"tp": 2}, 2), ({"pp": 2}, 2),
+                                           ({"tp": 1, "micro_batch_size": 4}, 2)],
+                         ids=["replay_tp1", "tp2", "pp2", "dp2"])
+def test_layouts_match_recorded_run(recorded, tmp_path, layout, world):
+    tiny, rec, reference = recorded
+    losses = run_ranks(replay, world, str(tiny), str(tmp_path / "run"), str(rec), layout)
+    for rank_losses in losses:
+        if layout == {"tp": 1} and world == 1:
+            assert rank_losses == reference  # replay through the same layout is bit-exact
+        else:
+            assert rank_losses == pytest.approx(reference, abs=LAYOUT_ATOL)
+
+
+if __name__ == "__main__" and "--update-golden" in sys.argv:
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        tiny = tiny_inputs(Path(d) / "tiny")
+        losses = run_ranks(record, 1, str(tiny), str(Path(d) / "run"), str(Path(d) / "rec.pt"))[0]
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps({"steps": STEPS, "losses": losses,
+                                  "how": "tests/test_train_layouts.py::record, tiny demo inputs "
+                                         "(train_helpers.TINY_FLAGS), local engine"}, indent=1) + "\n")
+    print(f"wrote {GOLDEN}: {losses}")
