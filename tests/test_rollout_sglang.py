@@ -1,6 +1,9 @@
-"""The SGLang rollout engine against a real SGLang 0.5.23 server on CPU.
+"""The SGLang rollout engine against a real SGLang 0.5.23 server.
 
-Needs the CPU test harness: `tests/harness/sglang_cpu/setup.sh` (README test command runs it).
+On CPU (CI) this needs the CPU test harness: `tests/harness/sglang_cpu/setup.sh` (the README
+test command runs it). On a GPU machine with SGLang installed the same tests exercise the GPU
+paths: server on CUDA with --enable-memory-saver (colocated), CUDA-IPC tensor sync (buckets on
+the GPU), NCCL broadcast sync. MOPD_ROLLOUT_TEST_DEVICE=cpu|cuda overrides the detection.
 One server is shared by the module (start-up is 20-60 s on two cores); tests that change its
 weights restore them. References are float64 forwards of the same checkpoint through
 transformers, an implementation independent of SGLang's.
@@ -26,11 +29,13 @@ except ImportError:
                       "(or set MOPD_ALLOW_NO_SGLANG=1 to skip these tests)")
 
 from mopd_megatron.rollout import (ParityError, SamplingParams, ServedTeacher, ServerSpec,
-                                   SGLangEngine, check_parity, parity_probe, probe_tokens)
-from mopd_megatron.rollout.server import RouterSpec, SGLangRouter
+                                   SGLangEngine, check_parity, detect_device, parity_probe,
+                                   probe_tokens)
+from mopd_megatron.rollout.server import RouterSpec, SGLangRouter, SGLangServer
 from tools.make_tiny_hf import make_tiny_hf
 
 pytestmark = pytest.mark.slow
+DEVICE = os.environ.get("MOPD_ROLLOUT_TEST_DEVICE") or detect_device()
 
 # fp32 server vs float64 reference: observed ~1e-6 per token; 1e-4 leaves room for kernel
 # order differences while still being ~3 orders below what one wrong weight tensor causes.
@@ -57,7 +62,7 @@ def state_buckets(path, bucket_bytes=48 * 1024):
     from safetensors.torch import load_file
     buckets, cur, size = [], [], 0
     for name, t in load_file(os.path.join(path, "model.safetensors")).items():
-        cur.append((name, t))
+        cur.append((name, t.to(DEVICE)))   # on GPU: CUDA tensors -> CUDA IPC handles
         size += t.numel() * t.element_size()
         if size >= bucket_bytes:
             buckets.append(cur)
@@ -75,17 +80,33 @@ def models(tmp_path_factory):
 
 
 def spec(path, logs, name):
-    return ServerSpec(model_path=path, port=free_port(), host="127.0.0.1", device="cpu",
-                      dtype="float32", mem_fraction_static=0.05, max_total_tokens=8192,
+    return ServerSpec(model_path=path, port=free_port(), host="127.0.0.1", device=DEVICE,
+                      colocated=DEVICE == "cuda", dtype="float32", mem_fraction_static=0.05,
+                      max_total_tokens=8192,
                       extra_args=("--log-level", "warning", "--disable-cuda-graph"),
                       log_path=os.path.join(logs, f"{name}.log"))
 
 
 @pytest.fixture(scope="module")
-def engine(models):
-    eng = SGLangEngine.launch([spec(models["a"], models["logs"], "server_a")],
-                              startup_timeout_s=240, concurrency=8, request_timeout_s=120,
-                              health_timeout_s=20)
+def fleet(models):
+    """The module's server plus a second one for the router test, started together: start-up
+    is CPU-bound imports, and overlapping the two saves about a minute on two cores."""
+    main = SGLangServer(spec(models["a"], models["logs"], "server_a"), startup_timeout_s=240)
+    second = SGLangServer(spec(models["a"], models["logs"], "server_a2"), startup_timeout_s=300)
+    try:
+        main.start(wait=False)
+        second.start(wait=False)
+        main.wait_ready()
+        yield {"main": main, "second": second}
+    finally:
+        second.stop()
+        main.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(fleet):
+    eng = SGLangEngine([fleet["main"].url], [fleet["main"]], concurrency=8,
+                       request_timeout_s=120, health_timeout_s=20)
     try:
         yield eng
     finally:
@@ -145,8 +166,10 @@ def test_tensor_then_distributed_sync_reach_trainer_weights(engine, models):
     assert s.weight_version == "v1"
     assert_matches_reference([s], models["hf_b"])
 
-    # dedicated path: gloo broadcast from this process into the server's TP rank
-    engine.connect_weight_group("127.0.0.1", free_port(), backend="gloo")
+    # dedicated path: broadcast from this process into the server's TP rank (gloo on CPU,
+    # NCCL on GPU)
+    engine.connect_weight_group("127.0.0.1", free_port())
+    assert engine._dist_sync.backend == ("nccl" if DEVICE == "cuda" else "gloo")
     try:
         engine.update_weights(iter(state_buckets(models["a"])), version="v2")
     finally:
@@ -212,13 +235,13 @@ def test_served_teacher_scores_responses(engine, models):
         assert torch.allclose(torch.tensor(g, dtype=torch.float64), ref, atol=LOGPROB_ATOL, rtol=0)
 
 
-def test_router_with_two_servers(engine, models):
+def test_router_with_two_servers(engine, fleet, models):
     import psutil
-    second = SGLangEngine.launch([spec(models["a"], models["logs"], "server_a2")],
-                                 startup_timeout_s=240)
+    second = fleet["second"]
     router = None
     try:
-        urls = [engine.clients[0].url, second.clients[0].url]
+        second.wait_ready()
+        urls = [engine.clients[0].url, second.url]
         port = free_port()
         router = SGLangRouter(RouterSpec(tuple(urls), port, "127.0.0.1", prometheus_port=free_port(),
                                          log_path=os.path.join(models["logs"], "router.log"))).start()
@@ -236,7 +259,7 @@ def test_router_with_two_servers(engine, models):
     finally:
         if router is not None:
             router.stop()
-        second.shutdown()
+        second.stop()   # frees its CPU for the rest of the module
 
 
 def test_server_killed_mid_rollout_is_restarted_and_resubmitted(engine, models):
@@ -248,7 +271,7 @@ def test_server_killed_mid_rollout_is_restarted_and_resubmitted(engine, models):
     # Long enough (~seconds on CPU) that the kill lands mid-rollout; prompt + 900 < 1024 context.
     sampling = SamplingParams(temperature=1.0, max_new_tokens=900, ignore_eos=True)
     out = {}
-    t = threading.Thread(target=lambda: out.setdefault("s", engine.generate(PROMPTS, 2, sampling)))
+    t = threading.Thread(target=lambda: out.setdefault("s", engine.generate(PROMPTS, 1, sampling)))
     t.start()
     time.sleep(0.5)
     assert t.is_alive(), "rollout finished before the kill; lengthen it"
@@ -257,7 +280,7 @@ def test_server_killed_mid_rollout_is_restarted_and_resubmitted(engine, models):
     assert not t.is_alive(), "rollout did not finish after the server was killed"
     samples = out["s"]
     assert engine.restarts == 1 and server.process.pid != old_pid and server.alive()
-    assert len(samples) == 6 and all(len(s.token_ids) == 900 for s in samples)
+    assert len(samples) == 3 and all(len(s.token_ids) == 900 for s in samples)
     assert any(s.retries >= 1 for s in samples)
     # the restarted server got the trainer's weights back before serving
     assert all(s.weight_version == "v3" for s in samples)

@@ -46,6 +46,23 @@ def test_cuda_server_command_memory_saver_only_when_colocated():
     assert ServerSpec(model_path="/m", port=1, device="cuda").environment() == dict(os.environ)
 
 
+def test_server_specs_from_rollout_config():
+    from mopd_megatron.config.systems import RolloutConfig
+    from mopd_megatron.rollout.sglang_engine import server_specs_from_config
+    cfg = RolloutConfig(mode="dedicated", num_engines=3, base_port=31000, host="127.0.0.2",
+                        server_tp_size=2, mem_fraction_static=0.4)
+    specs = server_specs_from_config(cfg, "/ckpt", log_dir="/logs", device="cuda")
+    assert [s.url for s in specs] == [f"http://127.0.0.2:{31000 + i}" for i in range(3)]
+    assert all(s.tp_size == 2 and s.mem_fraction_static == 0.4 and not s.colocated
+               for s in specs)
+    assert specs[2].log_path == "/logs/sglang_2.log"
+    assert "--enable-memory-saver" not in specs[0].command()
+    colo = server_specs_from_config(RolloutConfig(mode="colocated"), "/ckpt", device="cuda")
+    assert "--enable-memory-saver" in colo[0].command()
+    with pytest.raises(ValueError, match="external"):
+        server_specs_from_config(RolloutConfig(mode="external", external_urls=["http://h:1"]), "/c")
+
+
 def test_unknown_device_is_refused():
     with pytest.raises(ValueError, match="device='tpu'"):
         ServerSpec(model_path="/m", port=1, device="tpu").command()

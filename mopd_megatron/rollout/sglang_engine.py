@@ -22,7 +22,7 @@ from .engine import NamedTensorBucket, RolloutEngine, Sample, SamplingParams
 from .server import RouterSpec, ServerSpec, SGLangRouter, SGLangServer
 from .weight_sync import DistributedWeightSync, SyncStats, push_tensor_buckets
 
-__all__ = ["SGLangEngine", "RolloutError"]
+__all__ = ["SGLangEngine", "RolloutError", "server_specs_from_config"]
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +97,7 @@ class SGLangEngine(RolloutEngine):
         common = dict(concurrency=cfg.concurrency, request_timeout_s=cfg.request_timeout_s)
         if cfg.mode == "external":
             return cls.connect(cfg.external_urls, **common)
-        specs = [ServerSpec(model_path=model_path, port=cfg.base_port + i, host=cfg.host,
-                            tp_size=cfg.server_tp_size, mem_fraction_static=cfg.mem_fraction_static,
-                            device=device, colocated=cfg.mode == "colocated",
-                            extra_args=tuple(extra_args),
-                            log_path=os.path.join(log_dir, f"sglang_{i}.log") if log_dir else None)
-                 for i in range(cfg.num_engines)]
+        specs = server_specs_from_config(cfg, model_path, log_dir, device, extra_args)
         return cls.launch(specs, cfg.router_port if cfg.router else None,
                           cfg.startup_timeout_s, log_dir, **common)
 
@@ -261,6 +256,20 @@ class SGLangEngine(RolloutEngine):
         for s in self.servers:
             if s is not None:
                 s.stop()
+
+
+def server_specs_from_config(cfg, model_path: str, log_dir: str | None = None,
+                             device: str = "auto", extra_args: Sequence[str] = ()) -> list[ServerSpec]:
+    """One ServerSpec per engine of a RolloutConfig: consecutive ports from base_port, all
+    bound to cfg.host; memory saver only when colocated (and only where the device has it)."""
+    if cfg.mode == "external":
+        raise ValueError("rollout.mode=external launches no servers (it uses external_urls)")
+    return [ServerSpec(model_path=model_path, port=cfg.base_port + i, host=cfg.host,
+                       tp_size=cfg.server_tp_size, mem_fraction_static=cfg.mem_fraction_static,
+                       device=device, colocated=cfg.mode == "colocated",
+                       extra_args=tuple(extra_args),
+                       log_path=os.path.join(log_dir, f"sglang_{i}.log") if log_dir else None)
+            for i in range(cfg.num_engines)]
 
 
 def _parse_sample(out: dict, pi: int, si: int, prompt: list[int], retries: int) -> Sample:

@@ -53,8 +53,19 @@ CONSTRAINTS=$(mktemp)
 trap 'rm -f "$CONSTRAINTS"' EXIT
 "$PY" -m pip freeze --exclude-editable | grep -E '^[A-Za-z0-9_.-]+==' > "$CONSTRAINTS" || true
 
-"$PY" -m pip install -q --no-deps -r "$HERE/requirements-nodeps.txt"
-"$PY" -m pip install -q -c "$CONSTRAINTS" -r "$HERE/requirements.txt"
+# pip's resolver complains about sglang's declared CUDA dependencies (deliberately not
+# installed) on every run; keep its output in a log and show it only when pip fails.
+PIPLOG="$VENV/.mopd_sglang_cpu_harness.pip.log"
+run_pip() {
+    if ! "$PY" -m pip install -q "$@" >>"$PIPLOG" 2>&1; then
+        cat "$PIPLOG" >&2
+        echo "setup.sh: pip install $* failed (log: $PIPLOG)" >&2
+        exit 1
+    fi
+}
+: > "$PIPLOG"
+run_pip --no-deps -r "$HERE/requirements-nodeps.txt"
+run_pip -c "$CONSTRAINTS" -r "$HERE/requirements.txt"
 
 # Stand-ins: a copy inside the venv (the repo may move; CI clones it elsewhere).
 rm -rf "$STANDINS_DST"
@@ -64,6 +75,11 @@ find "$STANDINS_DST" -name '__pycache__' -prune -exec rm -rf {} +
 echo "$STANDINS_DST" > "$PTH"
 
 # Smoke check: the server-side engine imports on this torch.
-SGLANG_USE_CPU_ENGINE=1 "$PY" -c "import sglang.srt.entrypoints.engine, sglang_router" >/dev/null
+if ! SGLANG_USE_CPU_ENGINE=1 "$PY" -c "import sglang.srt.entrypoints.engine, sglang_router" \
+        >>"$PIPLOG" 2>&1; then
+    tail -40 "$PIPLOG" >&2
+    echo "setup.sh: SGLang does not import on this venv (log: $PIPLOG)" >&2
+    exit 1
+fi
 echo "$WANT" > "$STAMP"
 echo "sglang CPU harness: installed into $VENV in $(( $(date +%s) - start )) s"
