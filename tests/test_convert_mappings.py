@@ -184,3 +184,25 @@ def test_cli_round_trip_bf16_and_errors(qwen2, tmp_path, capsys):
         convert_megatron_to_hf(ckpt, str(tmp_path / "y"), hf_config=qwen3_cfg)
     assert megatron_to_hf_main(["--ckpt", qwen2, "--out", str(tmp_path / "z")]) == 2
     assert "not a torch_dist checkpoint" in capsys.readouterr().err
+
+
+def test_streamed_safetensors_read_back_by_safetensors(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from mopd_megatron.convert.hf_io import SafetensorsStreamWriter
+    tensors = {"b": torch.randn(3, 5).to(torch.bfloat16), "a": torch.randn(7),
+               "c": torch.randn(2, 3, 1).to(torch.float16)}
+    path = str(tmp_path / "x.safetensors")
+    w = SafetensorsStreamWriter(path, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()])
+    for n, t in tensors.items():
+        w.write(n, t)
+    w.close()
+    got = load_file(path)
+    assert set(got) == set(tensors) and all(torch.equal(got[n], tensors[n]) for n in tensors)
+    with safe_open(path, framework="pt") as fh:
+        assert fh.metadata() == {"format": "pt"}  # transformers requires it
+    w = SafetensorsStreamWriter(str(tmp_path / "y.safetensors"), [("a", torch.float32, (7,))])
+    with pytest.raises(ValueError, match=r"expected tensor \('a', torch.float32, \(7,\)\), got "
+                                         r"\('a', torch.float32, \(6,\)\)"):
+        w.write("a", torch.zeros(6))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 
 import torch
 
@@ -19,6 +20,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
 class HFCheckpoint:
@@ -102,3 +104,41 @@ def require_empty_dir(path: str) -> None:
     if os.path.isdir(path) and os.listdir(path):
         raise FileExistsError(f"output directory {path} is not empty; choose a new one")
     os.makedirs(path, exist_ok=True)
+
+
+class SafetensorsStreamWriter:
+    """One safetensors file written tensor by tensor, so that memory holds one tensor, not the
+    shard: the header (names, dtypes, shapes, byte offsets) is known up front and written first,
+    then each tensor's bytes in the declared order.
+
+    Format: u64 little-endian header length, JSON header (space-padded to 8 bytes), raw data.
+    """
+
+    def __init__(self, path: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]]):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, dtype, shape in specs:
+            n = dtype.itemsize
+            for d in shape:
+                n *= d
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + n]}
+            offset += n
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self.path, self._specs, self._next = path, specs, 0
+        self._fh = open(path, "wb")
+        self._fh.write(struct.pack("<Q", len(blob)) + blob)
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        want = self._specs[self._next]
+        got = (name, t.dtype, tuple(t.shape))
+        if got != want:
+            raise ValueError(f"{self.path}: expected tensor {want}, got {got}")
+        self._fh.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self._next += 1
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._next != len(self._specs):
+            missing = [s[0] for s in self._specs[self._next:]]
+            raise ValueError(f"{self.path}: tensors never written: {missing}")

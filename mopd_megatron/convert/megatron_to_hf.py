@@ -1,6 +1,6 @@
 """Megatron torch_dist checkpoint -> HF directory (sharded safetensors + index, config.json,
-tokenizer files), streaming: one Megatron tensor-layer is read at a time and at most one
-output shard is held in memory.
+tokenizer files), streaming: one Megatron tensor-layer is read, converted and written at a
+time, whatever the shard size.
 
 Works on any torch_dist model checkpoint (whatever TP/PP/DP wrote it): keys are layout-free.
 The HF config comes from ``config.json`` next to the checkpoint (written there by the HF ->
@@ -14,8 +14,8 @@ import torch
 
 from ..models.hf_config import hf_config_dict, load_hf_config
 from . import dcp_io
-from .hf_io import (DTYPE_NAMES, copy_side_files, plan_shards, reference_shapes,
-                    require_empty_dir, shard_name, write_json)
+from .hf_io import (DTYPE_NAMES, SafetensorsStreamWriter, copy_side_files, plan_shards,
+                    reference_shapes, require_empty_dir, shard_name, write_json)
 from .mappings import ConversionError
 from .tables import Item, context, items
 
@@ -53,20 +53,21 @@ def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, hf_config: str | None = 
     ref = reference_shapes(cfg.raw)
 
     # Plan: HF shapes from the mapping on meta tensors, checked against transformers' model.
-    per_item_bytes = []
+    specs, per_item_bytes = [], []  # per item: [(hf name, dtype, shape)]
     for it in todo:
-        size = md[it.key].size[1:] if it.layer is not None else md[it.key].size
-        metas = it.row.mapping.to_hf(torch.empty(size, device="meta"), ctx)
-        for name, t in zip(it.hf_names, metas):
+        meta = md[it.key]
+        size = meta.size[1:] if it.layer is not None else meta.size
+        outs = it.row.mapping.to_hf(torch.empty(size, device="meta"), ctx)
+        for name, t in zip(it.hf_names, outs):
             if tuple(t.shape) != ref[name]:
                 raise ConversionError(f"{it}: gives {name} of shape {tuple(t.shape)}, config "
                                       f"implies {ref[name]}")
-        per_item_bytes.append(sum(t.numel() for t in metas)
-                              * md[it.key].properties.dtype.itemsize)
+        dtype = meta.properties.dtype
+        specs.append([(n, dtype, tuple(t.shape)) for n, t in zip(it.hf_names, outs)])
+        per_item_bytes.append(sum(t.numel() for t in outs) * dtype.itemsize)
     shards = plan_shards(per_item_bytes, int(max_shard_mb * 2**20))
 
     require_empty_dir(out_dir)
-    from safetensors.torch import save_file
     weight_map, dtypes = {}, set()
     bar = None
     if progress:
@@ -74,7 +75,8 @@ def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, hf_config: str | None = 
         bar = tqdm(total=len(todo), unit="tensor", desc="megatron -> hf")
     for s, shard in enumerate(shards):
         name = shard_name(s, len(shards))
-        tensors = {}
+        writer = SafetensorsStreamWriter(os.path.join(out_dir, name),
+                                         [spec for idx in shard for spec in specs[idx]])
         for idx in shard:
             it = todo[idx]
             meta = md[it.key]
@@ -85,14 +87,12 @@ def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, hf_config: str | None = 
                 start = (it.layer,) + (0,) * (len(meta.size) - 1)
                 full = dcp_io.read_chunk(ckpt_dir, it.key, meta, start, (1, *meta.size[1:]))[0]
             for hf_name, t in zip(it.hf_names, it.row.mapping.to_hf(full, ctx)):
-                # Own storage per tensor: safetensors refuses views that share a buffer.
-                tensors[hf_name] = t.clone() if t.untyped_storage().nbytes() != t.nbytes else t
+                writer.write(hf_name, t)
                 weight_map[hf_name] = name
             dtypes.add(meta.properties.dtype)
             if bar:
                 bar.update(1)
-        save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
-        del tensors
+        writer.close()
     if bar:
         bar.close()
 
