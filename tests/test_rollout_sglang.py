@@ -50,10 +50,10 @@ def hf_model(path):
 
 
 @torch.no_grad()
-def ref_logprobs(model, seq: list[int]) -> torch.Tensor:
-    """[L-1] float64 log p(x_t | x_<t), t = 1..L-1."""
+def ref_logprobs(model, seq: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """[L-1] float64 log softmax(logits / T)(x_t | x_<t), t = 1..L-1."""
     ids = torch.tensor([seq])
-    logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)   # [L, V]
+    logp = torch.log_softmax(model(ids).logits[0].double() / temperature, dim=-1)   # [L, V]
     return logp[:-1].gather(-1, ids[0, 1:, None]).squeeze(-1)
 
 
@@ -113,9 +113,10 @@ def engine(fleet):
         eng.shutdown()
 
 
-def assert_matches_reference(samples, hf, atol=LOGPROB_ATOL):
+def assert_matches_reference(samples, hf, atol=LOGPROB_ATOL, temperature=1.0):
     for s in samples:
-        ref = ref_logprobs(hf, s.prompt_token_ids + s.token_ids)[len(s.prompt_token_ids) - 1:]
+        ref = ref_logprobs(hf, s.prompt_token_ids + s.token_ids,
+                           temperature)[len(s.prompt_token_ids) - 1:]
         got = torch.tensor(s.logprobs, dtype=torch.float64)
         assert got.shape == ref.shape
         assert torch.allclose(got, ref, atol=atol, rtol=0), (got - ref).abs().max().item()
@@ -136,6 +137,20 @@ def test_generate_logprobs_match_hf_forward(engine, models):
     assert_matches_reference(samples, models["hf_a"])
     # Sampling at T=1 from a peaked tiny model: the 2 samples of a prompt should differ somewhere.
     assert any(samples[2 * p].token_ids != samples[2 * p + 1].token_ids for p in range(3))
+
+
+def test_logprobs_are_of_the_tempered_distribution(engine, models):
+    # The contract the loss relies on: SGLang reports log softmax(logits / T), so the trainer
+    # must take log pi_theta at the same T. top_p truncation is NOT renormalised into them.
+    for temperature in (0.7, 1.3):
+        samples = engine.generate(PROMPTS[:2], 2, SamplingParams(
+            temperature=temperature, max_new_tokens=8, ignore_eos=True))
+        assert_matches_reference(samples, models["hf_a"], temperature=temperature)
+        with pytest.raises(AssertionError):   # and clearly not the T=1 distribution
+            assert_matches_reference(samples, models["hf_a"], temperature=1.0)
+    samples = engine.generate(PROMPTS[:2], 2, SamplingParams(
+        temperature=1.0, top_p=0.5, max_new_tokens=8, ignore_eos=True))
+    assert_matches_reference(samples, models["hf_a"])
 
 
 def test_greedy_matches_hf_argmax(engine, models):
