@@ -28,7 +28,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 LETTERS = "abcdefgh"
@@ -55,7 +55,8 @@ class DemoSettings:
     student_steps: int = 150
     batch: int = 64
     lr: float = 3e-3
-    extra: dict = field(default_factory=dict)
+    unused_tokens: int = 0          # placeholder tokens appended to the vocabulary (tests: make
+                                    # every TP=2 vocab shard hold real ids)
 
     def digest(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True) + Path(__file__).read_text()
@@ -96,11 +97,15 @@ def _space(dom: str, s: DemoSettings) -> int:
     return sum(len(LETTERS) ** n for n in range(3, s.max_len + 1))
 
 
-def build_tokenizer():
+def vocab(s: DemoSettings) -> list[str]:
+    return VOCAB + [f"<unused{i}>" for i in range(s.unused_tokens)]
+
+
+def build_tokenizer(s: DemoSettings):
     """Character-level tokenizer (one token per character, BOS prepended)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<pad>"))
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab(s))}, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
@@ -109,7 +114,7 @@ def build_tokenizer():
 
 
 def hf_config(s: DemoSettings) -> dict:
-    return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=len(VOCAB),
+    return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=len(vocab(s)),
                 hidden_size=s.hidden, intermediate_size=s.ffn, num_hidden_layers=s.layers,
                 num_attention_heads=s.heads, num_key_value_heads=s.heads // 2,
                 max_position_embeddings=64, rms_norm_eps=1e-6, hidden_act="silu",
@@ -183,7 +188,7 @@ def build(s: DemoSettings, force: bool = False) -> Path:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     t0 = time.time()
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(s)
     tokenizer.save_pretrained(str(out / "tokenizer"))
     train, evals = make_splits(s)
     for name, rows in (("prompts.jsonl", train), ("eval.jsonl", evals)):
@@ -227,14 +232,16 @@ def main(argv=None) -> None:
     ap.add_argument("--recipe", default=None, help="take the output directory from this recipe")
     ap.add_argument("--out", default=None, help="output directory (default .cache/tiny_cpu)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
-    for f in ("seed", "teacher_steps", "student_steps", "hidden", "layers", "ffn", "batch"):
+    for f in ("seed", "teacher_steps", "student_steps", "hidden", "layers", "ffn", "batch",
+              "unused_tokens"):
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     args = ap.parse_args(argv)
     s = settings_from_recipe(args.recipe) if args.recipe else DemoSettings()
     if args.out:
         s.out = args.out
-    for f in ("seed", "teacher_steps", "student_steps", "hidden", "layers", "ffn", "batch", "lr"):
+    for f in ("seed", "teacher_steps", "student_steps", "hidden", "layers", "ffn", "batch", "lr",
+              "unused_tokens"):
         if getattr(args, f) is not None:
             setattr(s, f, getattr(args, f))
     build(s, force=args.force)
