@@ -3,7 +3,10 @@
 domains, two specialist teachers and a weak student, all trained here on CPU, deterministically.
 
 Domains (exact-match rewards):
-    addition   "37+48="  -> "85"      two numbers in [0, 10**digits)
+    addition   "07+48="  -> "550"     two zero-padded numbers in [0, 10**digits); the sum is
+                                      written zero-padded to digits+1 places, least significant
+                                      digit first (the order carries propagate in, which a tiny
+                                      model learns in seconds instead of minutes)
     reversal   "cabhd>"  -> "dhbac"   strings over a-h, length 3..max_len
 
 Teachers are trained by supervised fine-tuning (masked cross-entropy on the answer and EOS) on
@@ -67,7 +70,9 @@ class DemoSettings:
 def make_row(domain: str, rng: random.Random, s: DemoSettings) -> dict:
     if domain == "addition":
         a, b = rng.randrange(10 ** s.digits), rng.randrange(10 ** s.digits)
-        return {"domain": "addition", "prompt": f"{a}+{b}=", "answer": str(a + b)}
+        w = s.digits
+        return {"domain": "addition", "prompt": f"{a:0{w}d}+{b:0{w}d}=",
+                "answer": f"{a + b:0{w + 1}d}"[::-1]}
     n = rng.randint(3, s.max_len)
     w = "".join(rng.choice(LETTERS) for _ in range(n))
     return {"domain": "reversal", "prompt": f"{w}>", "answer": w[::-1]}

@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""The embedded demo three ways with the same budget (steps, prompts, samples, lr, seed):
+
+    mopd       A = sg[log pi_dom - log pi_theta] + alpha * A_ORM   (the recipe as is)
+    orm_only   A = alpha * A_ORM  (GRPO; the teacher term is removed by scoring each response
+               with the student's own sampling log-probs: log pi_dom := log mu, so the teacher
+               term is log mu - log pi_theta, which is 0 up to float noise for the on-policy
+               local engine)
+    no_orm     A = sg[log pi_dom - log pi_theta]   (reward.alpha = 0)
+
+Each variant runs in its own process (Megatron state is per process) and reports greedy
+per-domain accuracy on the held-out prompts; the table is appended to benchmarks/RESULTS.md
+under "## Embedded demo".
+
+    python benchmarks/bench_demo.py [--steps N] [--set a.b=c ...] [--no-write]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = {"mopd": [], "orm_only": [], "no_orm": ["reward.alpha=0.0"]}
+
+CHILD = r'''
+import json, sys
+from mopd_megatron.config import load_recipe
+from mopd_megatron.train import Trainer
+
+class OrmOnlyTrainer(Trainer):
+    def teacher_scores(self, batch):
+        steps, kl = super().teacher_scores(batch)
+        for mbs in steps:
+            for mb in mbs:
+                mb["teacher_logp"].copy_(mb["rollout_logp"])   # teacher term -> ~0
+        return steps, kl
+
+def main():
+    variant, recipe, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    cls = OrmOnlyTrainer if variant == "orm_only" else Trainer
+    t = cls(load_recipe(recipe, overrides))
+    try:
+        report = t.train()
+    finally:
+        t.close()
+    print("REPORT " + json.dumps(report))
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def run_variant(name: str, recipe: str, overrides: list[str], tmp: Path) -> tuple[dict, float]:
+    script = tmp / "bench_child.py"
+    script.write_text(CHILD)
+    run_dir = tmp / name
+    ov = overrides + VARIANTS[name] + [f"checkpoint.dir=null", f"logging.jsonl_path={run_dir}/metrics.jsonl",
+                                       "logging.console=false"]
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MASTER_PORT=str(port))
+    t0 = time.time()
+    p = subprocess.run([sys.executable, str(script), name, recipe, json.dumps(ov)], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{p.stderr[-3000:]}")
+    line = next(x for x in p.stdout.splitlines() if x.startswith("REPORT "))
+    return json.loads(line[len("REPORT "):]), time.time() - t0
+
+
+def table(results: dict, cfg_line: str) -> str:
+    domains = sorted({d for r, _ in results.values() for d in r["after"].get("student", {})})
+    first = next(iter(results.values()))[0]
+    out = ["## Embedded demo", "", cfg_line, "",
+           "| run | " + " | ".join(f"{d} acc" for d in domains) + " | wall s |",
+           "|---|" + "---|" * (len(domains) + 1)]
+    teachers = {k: v for k, v in first["before"].items() if k.startswith("teacher:")}
+    out.append("| student before | " + " | ".join(f"{first['before']['student'][d] * 100:.1f}" for d in domains) + " | |")
+    for t, accs in teachers.items():
+        out.append(f"| {t} | " + " | ".join(f"{accs[d] * 100:.1f}" if d in accs else "-" for d in domains) + " | |")
+    for name, (r, secs) in results.items():
+        out.append(f"| {name} (after) | " + " | ".join(f"{r['after']['student'][d] * 100:.1f}" for d in domains)
+                   + f" | {secs:.0f} |")
+    return "\n".join(out) + "\n"
+
+
+def write_section(text: str, path: Path) -> None:
+    """Replace this benchmark's section of RESULTS.md (others own the other sections)."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    start = old.find("## Embedded demo")
+    if start >= 0:
+        end = old.find("\n## ", start + 1)
+        old = old[:start] + (old[end + 1:] if end >= 0 else "")
+    path.write_text(old.rstrip() + "\n\n" + text)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "tiny_cpu.yaml"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--variants", default="mopd,orm_only,no_orm")
+    ap.add_argument("--no-write", action="store_true", help="print the table only")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from mopd_megatron.trainer.cli import _ensure_demo_inputs
+    from mopd_megatron.config import load_recipe
+    cfg = load_recipe(args.recipe, args.overrides)
+    _ensure_demo_inputs(cfg)
+    import tempfile
+    results = {}
+    with tempfile.TemporaryDirectory() as d:
+        for name in args.variants.split(","):
+            results[name] = run_variant(name, args.recipe, list(args.overrides), Path(d))
+            print(name, results[name][0]["after"], f"{results[name][1]:.0f}s", flush=True)
+    cfg_line = (f"{cfg.train.steps} steps x {cfg.rollout_batch_size} samples, lr {cfg.optimizer.lr}, "
+                f"alpha {cfg.reward.alpha}; greedy accuracy (%) on held-out prompts; "
+                f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                f"OMP_NUM_THREADS=1, {time.strftime('%Y-%m-%d')}")
+    text = table(results, cfg_line)
+    print(text)
+    if not args.no_write:
+        write_section(text, ROOT / "benchmarks" / "RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()
