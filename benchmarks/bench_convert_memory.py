@@ -7,7 +7,8 @@ layer into sharded safetensors, then converted HF -> Megatron (torch_dist, --tp 
 (``ru_maxrss``), so the numbers are per conversion, imports included. With streaming, peak RSS
 stays flat as the model grows; a converter that loads the model would grow with it.
 
-    python benchmarks/bench_convert_memory.py --sizes-gb 0.25 0.5 1 2 --results benchmarks/RESULTS.md
+    python benchmarks/bench_convert_memory.py --sizes-gb 0.25 0.5 1 2 \
+        --results benchmarks/RESULTS.md
 
 Takes minutes and several GB of disk (each size is deleted after use): a benchmark, not a test.
 """
@@ -172,7 +173,8 @@ size) converted HF -> Megatron torch_dist (`--tp 2`) and back (`--max-shard-mb {
 each step in a fresh process reporting its own peak RSS (imports of torch, megatron-core and
 transformers included). Streaming shows as a flat peak RSS while the model grows: both
 converters hold one tensor-layer at a time (safetensors shards are written tensor by tensor,
-so the shard size does not matter either).
+so the shard size does not matter either). Times include ~5 s of imports and vary with the
+load of the machine; peak RSS is the figure to read.
 
 {table}
 """

@@ -60,7 +60,8 @@ def _ranks(rank, world_size, cases, tokens, base):
             chunks = build_model_chunks(hf, BuildOptions(dtype="fp32"))
             dist_ckpt.load(ckpt, chunks)
             logits = _forward(chunks, tokens)
-            diff = None if logits is None else float((logits[..., :VOCAB] - want_logits).abs().max())
+            diff = None if logits is None else \
+                float((logits[..., :VOCAB] - want_logits).abs().max())
             want = hf_tensors(hf_dir)
             got, buckets = {}, 0
             for bucket in export_hf_weights(chunks, hf, bucket_mb=0.05):  # several buckets
@@ -97,7 +98,8 @@ def converted(tmp_path_factory):
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_megatron_logits_equal_hf(converted, arch, layout):
     _, _, results = converted
-    diffs = [r[(layout, arch)]["logits"] for r in results if r[(layout, arch)]["logits"] is not None]
+    diffs = [r[(layout, arch)]["logits"] for r in results
+             if r[(layout, arch)]["logits"] is not None]
     assert diffs, "no rank produced logits"
     assert max(diffs) < LOGITS_ATOL, f"{arch} at {layout}: logits differ from HF by {max(diffs)}"
 

@@ -29,14 +29,16 @@ def _run(fn, **kw) -> int:
 def hf_to_megatron_main(argv=None) -> int:
     from .hf_to_megatron import convert_hf_to_megatron
     p = argparse.ArgumentParser(prog="convert_hf_to_megatron", description=HF_TO_MEGATRON)
-    p.add_argument("--hf-dir", required=True, help="HF model directory (config.json, *.safetensors)")
+    p.add_argument("--hf-dir", required=True,
+                   help="HF model directory (config.json, *.safetensors)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size to train with")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size to train with")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                    help="parameter dtype in the checkpoint (default bf16)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                   help="vocabulary padding multiple per TP rank (model.make_vocab_size_divisible_by)")
+                   help="vocabulary padding multiple per TP rank "
+                        "(model.make_vocab_size_divisible_by)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     return _run(convert_hf_to_megatron, hf_dir=a.hf_dir, out_dir=a.out, tp=a.tp, pp=a.pp,

@@ -94,7 +94,7 @@ class _LazySavePlanner(DefaultSavePlanner):
 
 
 def write(path: str, chunks: list[Chunk], objects: list[BytesObject], on_write=None) -> None:
-    """Write a Megatron torch_dist checkpoint at ``path`` (created), one chunk in memory at a time."""
+    """Write a Megatron torch_dist checkpoint at ``path``, one chunk in memory at a time."""
     os.makedirs(path, exist_ok=True)
     writer = dcp.FileSystemWriter(path, single_file_per_rank=True, thread_count=1,
                                   sync_files=False)
@@ -107,13 +107,30 @@ def write(path: str, chunks: list[Chunk], objects: list[BytesObject], on_write=N
         json.dump(MCORE_METADATA, fh)
 
 
+class Reader(dcp.FileSystemReader):
+    """A checkpoint reader that parses ``.metadata`` once (it is re-read on every load
+    otherwise, which makes reading a many-layer checkpoint chunk by chunk quadratic)."""
+
+    def __init__(self, path: str):
+        if not os.path.exists(os.path.join(path, ".metadata")):
+            raise FileNotFoundError(f"{path}: not a torch_dist checkpoint (no .metadata file)")
+        super().__init__(path)
+        self._metadata = None
+
+    def read_metadata(self):
+        if self._metadata is None:
+            self._metadata = super().read_metadata()
+        return self._metadata
+
+    def tensors(self) -> dict[str, TensorStorageMetadata]:
+        """Model tensors: key -> global size, dtype, stored chunks."""
+        return {k: v for k, v in self.read_metadata().state_dict_metadata.items()
+                if isinstance(v, TensorStorageMetadata) and not k.startswith("optimizer.")}
+
+
 def tensor_metadata(path: str) -> dict[str, TensorStorageMetadata]:
     """Model tensors of a torch_dist checkpoint: key -> global size, dtype, stored chunks."""
-    if not os.path.exists(os.path.join(path, ".metadata")):
-        raise FileNotFoundError(f"{path}: not a torch_dist checkpoint (no .metadata file)")
-    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    return {k: v for k, v in meta.items()
-            if isinstance(v, TensorStorageMetadata) and not k.startswith("optimizer.")}
+    return Reader(path).tensors()
 
 
 class _ChunkLoadPlanner(LoadPlanner):
@@ -149,12 +166,12 @@ class _ChunkLoadPlanner(LoadPlanner):
         pass  # resolve_tensor returned a view of dest; the reader copied into it
 
 
-def read_chunk(path: str, key: str, md: TensorStorageMetadata, offsets: tuple[int, ...],
+def read_chunk(reader: Reader, key: str, offsets: tuple[int, ...],
                sizes: tuple[int, ...]) -> torch.Tensor:
     """The ``sizes`` block of ``key`` starting at ``offsets`` (e.g. one layer of a stacked key)."""
-    dest = torch.empty(sizes, dtype=md.properties.dtype)
+    dest = torch.empty(sizes, dtype=reader.tensors()[key].properties.dtype)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
-        dcp.load({}, storage_reader=dcp.FileSystemReader(path),
-                 planner=_ChunkLoadPlanner(key, tuple(offsets), dest), no_dist=True)
+        dcp.load({}, storage_reader=reader, planner=_ChunkLoadPlanner(key, tuple(offsets), dest),
+                 no_dist=True)
     return dest

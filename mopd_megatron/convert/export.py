@@ -72,7 +72,8 @@ def export_hf_weights(chunks: list, hf_cfg: HFModelConfig,
 
     from ..runtime import device
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    tp_group, pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
+    tp_group = ps.get_tensor_model_parallel_group()
+    pp_group = ps.get_pipeline_model_parallel_group()
     todo = items(hf_cfg)
     wanted = {(it.key, it.layer) for it in todo}
     local = local_parameters(chunks)

@@ -56,7 +56,8 @@ def reference_shapes(raw_config: dict) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of the HF model that ``transformers`` builds from this config (on the
     meta device: no memory). Tied weights appear once, as HF saves them."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    fields = {k: v for k, v in raw_config.items() if k not in ("model_type", "transformers_version")}
+    fields = {k: v for k, v in raw_config.items()
+              if k not in ("model_type", "transformers_version")}
     config = AutoConfig.for_model(raw_config["model_type"], **fields)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

@@ -44,7 +44,8 @@ def _check_keys(ckpt_dir: str, md: dict, todo: list[Item], num_layers: int) -> N
 def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, hf_config: str | None = None,
                            max_shard_mb: float = 2048, progress: bool = False) -> dict:
     """Write ``out_dir``; returns the safetensors index (``weight_map`` and total size)."""
-    md = dcp_io.tensor_metadata(ckpt_dir)
+    reader = dcp_io.Reader(ckpt_dir)
+    md = reader.tensors()
     config_dir = hf_config or find_config_dir(ckpt_dir)
     cfg = load_hf_config(config_dir)
     todo = items(cfg)
@@ -81,11 +82,11 @@ def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, hf_config: str | None = 
             it = todo[idx]
             meta = md[it.key]
             if it.layer is None:
-                full = dcp_io.read_chunk(ckpt_dir, it.key, meta, (0,) * len(meta.size),
+                full = dcp_io.read_chunk(reader, it.key, (0,) * len(meta.size),
                                          tuple(meta.size))
             else:  # one layer of the stacked key: [1, ...] -> [...]
                 start = (it.layer,) + (0,) * (len(meta.size) - 1)
-                full = dcp_io.read_chunk(ckpt_dir, it.key, meta, start, (1, *meta.size[1:]))[0]
+                full = dcp_io.read_chunk(reader, it.key, start, (1, *meta.size[1:]))[0]
             for hf_name, t in zip(it.hf_names, it.row.mapping.to_hf(full, ctx)):
                 writer.write(hf_name, t)
                 weight_map[hf_name] = name

@@ -53,7 +53,8 @@ _DENSE = (
     _layer("self_attention.linear_proj.weight", Direct(_ATTN + "o_proj.weight")),
     _layer("mlp.linear_fc1.layer_norm_weight",
            Direct("model.layers.{i}.post_attention_layernorm.weight")),
-    _layer("mlp.linear_fc1.weight", FusedGateUp(_MLP + "gate_proj.weight", _MLP + "up_proj.weight")),
+    _layer("mlp.linear_fc1.weight",
+           FusedGateUp(_MLP + "gate_proj.weight", _MLP + "up_proj.weight")),
     _layer("mlp.linear_fc2.weight", Direct(_MLP + "down_proj.weight")),
     Row("decoder.final_layernorm.weight", Direct("model.norm.weight")),
     Row("output_layer.weight", VocabRows("lm_head.weight"), unless="tie_word_embeddings"),
@@ -62,8 +63,10 @@ _QKV_BIAS = _layer("self_attention.linear_qkv.bias",
                    FusedQKV(_ATTN + "q_proj.bias", _ATTN + "k_proj.bias", _ATTN + "v_proj.bias"),
                    when="qkv_bias")
 _QK_NORM = (
-    _layer("self_attention.q_layernorm.weight", Direct(_ATTN + "q_norm.weight"), when="qk_layernorm"),
-    _layer("self_attention.k_layernorm.weight", Direct(_ATTN + "k_norm.weight"), when="qk_layernorm"),
+    _layer("self_attention.q_layernorm.weight", Direct(_ATTN + "q_norm.weight"),
+           when="qk_layernorm"),
+    _layer("self_attention.k_layernorm.weight", Direct(_ATTN + "k_norm.weight"),
+           when="qk_layernorm"),
 )
 
 TABLES: dict[str, tuple[Row, ...]] = {
