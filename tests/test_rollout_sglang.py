@@ -300,3 +300,23 @@ def test_server_killed_mid_rollout_is_restarted_and_resubmitted(engine, models):
     # the restarted server got the trainer's weights back before serving
     assert all(s.weight_version == "v3" for s in samples)
     assert_matches_reference(samples, models["hf_a"])
+
+
+def test_unresponsive_server_is_restarted(fleet, models):
+    # SIGSTOP: the process is alive but answers nothing (a wedged scheduler, a hung node).
+    # Requests time out, /health_generate times out, the engine restarts it and resubmits.
+    import signal
+    server = fleet["main"]
+    eng = SGLangEngine([server.url], [server], concurrency=4, request_timeout_s=8,
+                       health_timeout_s=5)
+    stopped_pid = server.process.pid
+    os.killpg(stopped_pid, signal.SIGSTOP)
+    try:
+        samples = eng.generate(PROMPTS[:2], 1, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    finally:
+        if server.process.pid == stopped_pid:   # not restarted: let it run again
+            os.killpg(stopped_pid, signal.SIGCONT)
+        eng._pool.shutdown()                    # the server itself belongs to the fleet fixture
+    assert eng.restarts == 1 and server.process.pid != stopped_pid and server.alive()
+    assert all(len(s.token_ids) == 8 and s.retries >= 1 for s in samples)
+    assert_matches_reference(samples, models["hf_a"])   # fresh server: model_path's weights

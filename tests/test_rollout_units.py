@@ -141,6 +141,18 @@ def test_client_error_kinds():
         ServerClient(f"http://127.0.0.1:{free_port()}", timeout_s=2).post("/generate", {})
 
 
+def test_dead_external_server_is_reported_not_restarted():
+    from mopd_megatron.rollout import SGLangEngine
+    eng = SGLangEngine.connect([f"http://127.0.0.1:{free_port()}"], request_timeout_s=2,
+                               health_timeout_s=2, max_retries=1)
+    try:
+        with pytest.raises(RolloutError, match="not launched by this job"):
+            eng.generate([[1, 2]], 1, SamplingParams(max_new_tokens=2))
+        assert eng.health() == {eng.clients[0].url: False}
+    finally:
+        eng.shutdown()
+
+
 # -- response parsing ------------------------------------------------------------------------
 def _answer(ids, lps, reason, version="v7"):
     return {"output_ids": ids, "meta_info": {
