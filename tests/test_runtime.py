@@ -117,7 +117,8 @@ def test_hf_config_errors_name_the_problem(tmp_path):
 def test_padded_vocab_and_masking():
     from mopd_megatron.models.builder import mask_padded_vocab_, padded_vocab_size
     assert padded_vocab_size(250, 128, 1) == 256 and padded_vocab_size(250, 128, 2) == 256
-    assert padded_vocab_size(151936, 128, 8) == 152576  # Megatron-LM pads to 128 * TP
+    assert padded_vocab_size(151936, 128, 8) == 151936  # TP-independent: lcm(128, tp)
+    assert padded_vocab_size(250, 128, 3) == 384
     shards = [torch.zeros(3, 128) for _ in range(2)]  # V=250 padded to 256 over TP=2
     for r, s in enumerate(shards):
         mask_padded_vocab_(s, 250, r)

@@ -59,3 +59,16 @@ def megatron_to_hf_main(argv=None) -> int:
     a = p.parse_args(argv)
     return _run(convert_megatron_to_hf, ckpt_dir=a.ckpt, out_dir=a.out, hf_config=a.hf_config,
                 max_shard_mb=a.max_shard_mb, progress=not a.no_progress)
+
+
+def convert_main(argv=None) -> int:
+    """``mopd convert hf-to-megatron|megatron-to-hf ...``."""
+    import sys
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"hf-to-megatron": hf_to_megatron_main, "megatron-to-hf": megatron_to_hf_main}
+    if not argv or argv[0] not in commands:
+        print("usage: mopd convert {hf-to-megatron|megatron-to-hf} [options]  "
+              "(add --help after the direction for its options)",
+              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return commands[argv[0]](argv[1:])

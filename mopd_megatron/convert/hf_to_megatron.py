@@ -1,9 +1,9 @@
 """HF safetensors directory -> Megatron torch_dist checkpoint (streaming, one process).
 
 The checkpoint is layout-free: per-layer tensors are stored per layer under Megatron's stacked
-keys, so ``dist_checkpointing.load`` reshards it to any TP/PP on load. ``tp`` only fixes the
-vocabulary padding (``padded_vocab_size(V, divisible_by, tp)``; loading needs a TP with the
-same padded size) and, with ``pp``, is checked against the model's shape up front.
+keys, so ``dist_checkpointing.load`` reshards it to any TP/PP on load. The vocabulary padding
+(``padded_vocab_size(V, divisible_by, tp)``, a multiple of lcm(divisible_by, tp)) is the same for
+every TP dividing ``divisible_by``; ``tp`` and ``pp`` are checked against the model's shape.
 """
 from __future__ import annotations
 

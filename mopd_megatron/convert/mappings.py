@@ -27,7 +27,7 @@ class Context:
     num_query_groups: int
     kv_channels: int
     vocab_size: int          # true vocabulary rows (HF)
-    padded_vocab_size: int   # Megatron rows (multiple of divisible_by * tp)
+    padded_vocab_size: int   # Megatron rows (multiple of lcm(divisible_by, tp))
 
 
 def _check_count(name: str, got: int, want: int) -> None:

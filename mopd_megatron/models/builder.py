@@ -5,6 +5,7 @@ holds and never creates process groups.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -34,8 +35,12 @@ class BuildOptions:
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Vocabulary rows after padding so that every TP shard has the same, aligned size."""
-    multiple = divisible_by * tp
+    """Vocabulary rows after padding so that every TP shard has the same, aligned size.
+
+    The multiple is lcm(divisible_by, tp), not Megatron-LM's divisible_by * tp: the padded size
+    then does not depend on TP (for any TP dividing 128), so one checkpoint loads at every TP.
+    """
+    multiple = math.lcm(divisible_by, tp)
     return -(-vocab_size // multiple) * multiple
 
 
