@@ -39,31 +39,26 @@ def _step(ddp, optimizer, scheduler, hf, batches):
     return result.grad_norm
 
 
-def _single_rank_steps(rank, world_size, base, steps):
-    """Reference: one process, plain (non-distributed) optimizer."""
-    from mopd_megatron.training import dist_ckpt
-    _, hf, chunks = build(tiny_config(ARCH), seed=5)
-    dist_ckpt.save(tmp(base, "init"), chunks)
-    ddp, opt, sch = _optimizer(chunks, distributed=False)
-    norms = [_step(ddp, opt, sch, hf, microbatches(n=2, b=4, seed=s)) for s in range(steps)]
-    dist_ckpt.save(tmp(base, "single"), ddp)
-    return norms
+def _steps_from(rank, world_size, base, steps, distributed, out):
+    """``steps`` optimizer steps from the weights in ``base/init`` (written by the first call),
+    then save the result to ``base/out``. World 1 + plain optimizer is the reference."""
+    import os
 
-
-def _distopt_steps(rank, world_size, base, steps):
-    """DP=2 with the distributed optimizer, from the reference's initial weights."""
     from mopd_megatron.training import dist_ckpt
-    _, hf, chunks = build(tiny_config(ARCH), seed=6)
-    dist_ckpt.load(tmp(base, "init"), chunks)
-    ddp, opt, sch = _optimizer(chunks, distributed=True)
+    _, hf, chunks = build(tiny_config(ARCH), seed=5 + world_size)
+    if os.path.exists(tmp(base, "init")):
+        dist_ckpt.load(tmp(base, "init"), chunks)
+    else:
+        dist_ckpt.save(tmp(base, "init"), chunks)
+    ddp, opt, sch = _optimizer(chunks, distributed=distributed)
     norms = [_step(ddp, opt, sch, hf, microbatches(n=2, b=4, seed=s)) for s in range(steps)]
-    dist_ckpt.save(tmp(base, "distopt"), ddp)
+    dist_ckpt.save(tmp(base, out), ddp)
     return norms
 
 
 def test_distributed_optimizer_step_equals_single_rank(tmp_path):
-    ref_norms = run_ranks(_single_rank_steps, 1, str(tmp_path), 2)[0]
-    norms = run_ranks(_distopt_steps, 2, str(tmp_path), 2)
+    ref_norms = run_ranks(_steps_from, 1, str(tmp_path), 2, False, "single")[0]
+    norms = run_ranks(_steps_from, 2, str(tmp_path), 2, True, "distopt")
     for rank_norms in norms:
         assert rank_norms == pytest.approx(ref_norms, rel=1e-5)
     init, single, dist = (read(tmp_path / n) for n in ("init", "single", "distopt"))
