@@ -17,7 +17,8 @@ is weak at both. Everything goes to ``<out>/`` (default ``.cache/tiny_cpu``):
     student/{hf, mcore}   teacher_addition/{hf, mcore}   teacher_reversal/{hf, mcore}
     build.json            the settings + a hash; a rerun with equal settings is a no-op
 
-``hf/`` holds config.json + tokenizer (the architecture); ``mcore/`` the Megatron dist-checkpoint.
+``hf/`` is an HF checkpoint (config.json, tokenizer, safetensors: what SGLang serves) and
+``mcore/`` the same weights as a Megatron dist-checkpoint.
 
     python tools/build_demo_teachers.py --recipe recipes/tiny_cpu.yaml
 """
@@ -50,16 +51,22 @@ class DemoSettings:
     max_len: int = 5                # reversal strings of length 3..max_len
     train_prompts: int = 4000       # per domain, for SFT and for MOPD prompts
     eval_prompts: int = 200         # per domain, held out (never trained on)
-    hidden: int = 64
+    hidden: int = 96
     layers: int = 2
     heads: int = 4
-    ffn: int = 192
-    teacher_steps: int = 1200
-    student_steps: int = 150
+    ffn: int = 256
+    teacher_steps: int = 1500       # addition reaches ~0.005 nats/token; reversal ~0 by 300
+    student_steps: int = 200        # knows the formats, weak at both
     batch: int = 64
-    lr: float = 3e-3
-    unused_tokens: int = 0          # placeholder tokens appended to the vocabulary (tests: make
-                                    # every TP=2 vocab shard hold real ids)
+    lr: float = 1e-3                # 3e-3 stalls addition at ~0.5 nats/token
+    label_smoothing: float = 0.1    # teachers (and student) are never certain: log T(wrong)
+                                    # ~ -5.5 instead of ~ -20. MOPD's sampled-token estimator
+                                    # of the reverse-KL gradient has variance ~ (log T)^2; with
+                                    # unsmoothed teachers it is too noisy to learn from here
+    unused_tokens: int = 8          # placeholder tokens appended to the vocabulary: SGLang 0.5.23
+                                    # on CPU scores/returns the last vocabulary id as 0, so no
+                                    # real token may sit there; tests use more so that every
+                                    # TP=2 vocab shard holds real ids
 
     def digest(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True) + Path(__file__).read_text()
@@ -151,6 +158,22 @@ def sft_batches(rows: list[dict], tokenizer, batch: int, steps: int, seed: int):
                     loss_mask=mask)]
 
 
+def smoothed_ce(vocab_size: int, eps: float):
+    """Label-smoothed cross-entropy over the real vocabulary, in the (loss_sum, count, metrics)
+    contract of training.schedule (TP=1: the tool trains on one process)."""
+    import torch
+
+    def loss_fn(batch, logits):  # [b, s, V_padded]
+        logp = torch.log_softmax(logits[..., :vocab_size].float(), dim=-1)  # [b, s, V]
+        nll = -logp.gather(-1, batch["labels"][..., None]).squeeze(-1)
+        per_token = (1 - eps) * nll - eps * logp.mean(dim=-1)  # [b, s]
+        mask = batch["loss_mask"]
+        loss_sum = (per_token * mask).sum()
+        count = mask.sum().to(torch.int)
+        return loss_sum, count, {"loss_sum": (nll * mask).sum().detach(), "tokens": mask.sum()}
+    return loss_fn
+
+
 def train_model(hf: dict, rows: list[dict], tokenizer, steps: int, s: DemoSettings, seed: int,
                 out_dir: Path, log_every: int = 200) -> None:
     import torch
@@ -158,7 +181,6 @@ def train_model(hf: dict, rows: list[dict], tokenizer, steps: int, s: DemoSettin
     from mopd_megatron.models.hf_config import load_hf_config
     from mopd_megatron.runtime import set_seed
     from mopd_megatron.training import dist_ckpt
-    from mopd_megatron.training.losses import masked_token_ce
     from mopd_megatron.training.optimizer import OptimSettings, build_optimizer, wrap_ddp
     from mopd_megatron.training.step import train_step
     set_seed(seed)
@@ -170,16 +192,24 @@ def train_model(hf: dict, rows: list[dict], tokenizer, steps: int, s: DemoSettin
     opt, sched = build_optimizer(chunks, settings, torch.float32)
     t0 = time.time()
     for i, mbs in enumerate(sft_batches(rows, tokenizer, s.batch, steps, seed)):
-        res = train_step(chunks, opt, sched, mbs, masked_token_ce, vocab_size=h.vocab_size)
+        res = train_step(chunks, opt, sched, mbs, smoothed_ce(h.vocab_size, s.label_smoothing),
+                         vocab_size=h.vocab_size)
         if (i + 1) % log_every == 0 or i + 1 == steps:
             m = res.metrics[0]
-            print(f"  sft {out_dir.name}: step {i + 1}/{steps} loss "
+            print(f"  sft {out_dir.name}: step {i + 1}/{steps} nll "
                   f"{float(m['loss_sum'] / m['tokens']):.4f} ({time.time() - t0:.0f}s)", flush=True)
-    hf_dir, mc_dir = out_dir / "hf", out_dir / "mcore"
-    hf_dir.mkdir(parents=True, exist_ok=True)
-    (hf_dir / "config.json").write_text(json.dumps(hf, indent=1))
-    tokenizer.save_pretrained(str(hf_dir))
+    hf_dir, mc_dir, cfg_dir = out_dir / "hf", out_dir / "mcore", out_dir / ".hf_config"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    (cfg_dir / "config.json").write_text(json.dumps(hf, indent=1))
+    tokenizer.save_pretrained(str(cfg_dir))
     dist_ckpt.save(str(mc_dir), chunks)
+    # The same weights as an HF checkpoint (SGLang serves it; format: hf loads it back).
+    from mopd_megatron.convert import convert_megatron_to_hf
+    convert_megatron_to_hf(str(mc_dir), str(hf_dir), hf_config=str(cfg_dir))
+    for f in cfg_dir.iterdir():
+        if not (hf_dir / f.name).exists():
+            shutil.copy(f, hf_dir / f.name)
+    shutil.rmtree(cfg_dir)
 
 
 def build(s: DemoSettings, force: bool = False) -> Path:

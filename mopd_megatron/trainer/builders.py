@@ -93,12 +93,31 @@ def load_weights(chunks: list, path: str | None, fmt: str, hf: HFModelConfig) ->
         from ..training import dist_ckpt
         dist_ckpt.load(path, chunks)
         return
+    # HF: the converter streams the safetensors into a torch_dist checkpoint (rank 0, in a
+    # scratch directory next to the HF one's parent on a shared file system), which every rank
+    # then loads in its own layout; the scratch copy is removed afterwards.
+    import shutil
+    import tempfile
+
+    import torch.distributed as dist
+
+    from ..convert import convert_hf_to_megatron
+    from ..training import dist_ckpt
+    name = [None]
+    if dist.get_rank() == 0:
+        scratch = tempfile.mkdtemp(prefix=".mopd_hf_import.", dir=os.path.dirname(os.path.abspath(path)))
+        out = os.path.join(scratch, "dist")
+        dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
+            chunks[0].config.params_dtype]
+        convert_hf_to_megatron(path, out, dtype=dtype)
+        name[0] = scratch
+    dist.broadcast_object_list(name, src=0)
     try:
-        from ..convert import load_hf_weights  # the HF <-> Megatron converter (convert/)
-    except ImportError as e:
-        raise RuntimeError(f"loading HF weights from {path} needs mopd_megatron.convert "
-                           f"({e}); use a Megatron dist-checkpoint (format: megatron)") from None
-    load_hf_weights(chunks, hf, path)
+        dist_ckpt.load(os.path.join(name[0], "dist"), chunks)
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(name[0], ignore_errors=True)
 
 
 def optim_settings(cfg: MOPDConfig):

@@ -2,7 +2,7 @@
 
 The converter (``mopd_megatron.convert.export_hf_weights``) gathers this rank's Megatron shards
 into HF-named buckets; every rank iterates the export (it is collective over TP/PP), rank 0
-pushes the buckets. Afterwards a fixed probe sequence is scored by the engine and by the
+pushes the buckets. Afterwards a probe sequence (a real prompt + response) is scored by the engine and by the
 trainer: the mean |difference| (nats/token) is logged as ``rollout/parity_mean_abs`` and a value
 above ``rollout.parity_tolerance`` stops the run (every importance weight would be wrong).
 """
@@ -35,8 +35,10 @@ def trainer_probe_logprobs(trainer, tokens: list[int]) -> list[float]:
     return vals.tolist()
 
 
-def push_weights(trainer, step: int) -> float:
-    from ..rollout import check_parity, probe_tokens
+def push_weights(trainer, step: int, probe: list[int]) -> float:
+    """``probe``: a real token sequence (a prompt and a sampled response), the same on every
+    rank; random ids could include special tokens a server treats differently."""
+    from ..rollout import check_parity
     try:
         from ..convert import export_hf_weights
     except ImportError as e:
@@ -49,10 +51,17 @@ def push_weights(trainer, step: int) -> float:
     else:
         for _ in buckets:  # take part in the export's collectives
             pass
-    probe = probe_tokens(trainer.inputs.hf.vocab_size)
     ours = trainer_probe_logprobs(trainer, probe)
     result = [None]
     if rank0:
-        result[0] = check_parity(trainer.engine, [probe], [ours], cfg.rollout.parity_tolerance).mean_abs_diff
+        try:
+            result[0] = check_parity(trainer.engine, [probe], [ours],
+                                     cfg.rollout.parity_tolerance).mean_abs_diff
+        except Exception:
+            body = {"input_ids": probe, "return_logprob": True, "logprob_start_len": 0,
+                    "sampling_params": {"max_new_tokens": 0, "temperature": 1.0}}
+            out, _ = trainer.engine.call("/generate", body, f"probe-debug-{step}")
+            got = [e[1] for e in out["meta_info"]["input_token_logprobs"]]
+            raise RuntimeError(f"parity probe at step {step}: sent {probe}, the server scored {got}")
     dist.broadcast_object_list(result, src=0)
     return result[0]
