@@ -58,6 +58,9 @@ class Trainer:
                                        top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
                                        stop_token_ids=(self.inputs.eos_id,))
         self.losses: list[float] = []
+        self._pending = None  # one-step-off rollout in flight (train.async_rollout)
+        from concurrent.futures import ThreadPoolExecutor
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="rollout")
 
     # --- the loop -----------------------------------------------------------------------------
     def train(self) -> dict:
@@ -65,6 +68,7 @@ class Trainer:
         for step in range(self.start_step + 1, self.cfg.train.steps + 1):
             self.train_step(step)
         after = self.evaluate(teachers=False)
+        self.export_hf()
         self.logger.close()
         return {"before": before, "after": after, "losses": self.losses}
 
@@ -91,6 +95,19 @@ class Trainer:
     # --- phases ---------------------------------------------------------------------------
     def rollout(self) -> RolloutBatch | None:
         rows = self.sampler.next_batch(self.cfg.train.prompts_per_step)  # same on every rank
+        if not self.cfg.train.async_rollout:
+            return self._generate(rows)
+        # One-step-off: train on the batch generated while the previous step trained, and
+        # start the next one now (it samples with the weights of the last sync; requests in
+        # flight during a sync are paused and finish on the new weights).
+        if self._pending is None:
+            self._pending = self._pool.submit(self._generate, rows)
+            rows = self.sampler.next_batch(self.cfg.train.prompts_per_step)
+        batch = self._pending.result()
+        self._pending = self._pool.submit(self._generate, rows)
+        return batch
+
+    def _generate(self, rows) -> RolloutBatch | None:
         n = self.cfg.rollout.n_samples_per_prompt
         if getattr(self.engine, "collective", False) or dist.get_rank() == 0:
             samples = self.engine.generate([r.prompt_ids for r in rows], n, self.sampling)
@@ -208,6 +225,20 @@ class Trainer:
             self.sync_weights(st["step"])
         return int(st["step"])
 
+    def export_hf(self) -> None:
+        """The final student as an HF checkpoint (checkpoint.hf_export_dir), converted from the
+        last committed checkpoint by the converter (rank 0)."""
+        out = self.cfg.checkpoint.hf_export_dir
+        if out is None:
+            return
+        if dist.get_rank() == 0:
+            from .checkpoint import find_latest
+            from .convert import convert_megatron_to_hf
+            latest = find_latest(self.cfg.checkpoint.dir, cleanup=False)
+            convert_megatron_to_hf(str(latest / "dist"), out, hf_config=self.cfg.model.hf_config)
+            print(f"exported the student ({latest.name}) as an HF checkpoint to {out}", flush=True)
+        dist.barrier()
+
     def evaluate(self, teachers: bool) -> dict:
         """Greedy accuracy per domain on data.eval_paths (student; teachers on their domains)."""
         if not self.eval_rows or self.cfg.parallel.pp > 1:
@@ -233,6 +264,7 @@ class Trainer:
         return ps.get_tensor_model_parallel_group() if self.layout.tp > 1 else None
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self.logger.close()
         if self.engine is not None:
             self.engine.shutdown()

@@ -17,11 +17,13 @@ pytestmark = [pytest.mark.slow,
                                  reason="needs the SGLang CPU harness (tests/harness/sglang_cpu/setup.sh)")]
 
 
-def train_with_sglang(rank, world, tiny, run, port):
+def train_with_sglang(rank, world, tiny, run, port, async_rollout):
     from mopd_megatron.config import load_recipe
     from mopd_megatron.train import Trainer
-    extra = ["rollout.engine=sglang", f"rollout.base_port={port}", "checkpoint.dir=null",
+    extra = ["rollout.engine=sglang", f"rollout.base_port={port}", f"checkpoint.hf_export_dir={run}/hf",
              f"model.checkpoint={tiny}/student/hf", "model.checkpoint_format=hf"]
+    if async_rollout:  # one-step-off needs engines on their own devices (here: own processes)
+        extra += ["train.async_rollout=true", "rollout.mode=dedicated"]
     trainer = Trainer(load_recipe(RECIPE, recipe_overrides(Path(tiny), Path(run), steps=3, extra=extra)))
     try:
         trainer.train()
@@ -29,16 +31,33 @@ def train_with_sglang(rank, world, tiny, run, port):
         trainer.close()
 
 
-def test_sglang_rollout_weight_sync_and_parity(tmp_path):
+@pytest.mark.parametrize("async_rollout", [False, True], ids=["sync", "one_step_off"])
+def test_sglang_rollout_weight_sync_and_parity(tmp_path, async_rollout):
     tiny = tiny_inputs(tmp_path / "tiny")
-    run_ranks(train_with_sglang, 1, str(tiny), str(tmp_path / "run"), free_port(), timeout=600)
+    run_ranks(train_with_sglang, 1, str(tiny), str(tmp_path / "run"), free_port(), async_rollout,
+              timeout=600)
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2, 3]
     for s in steps:
         # The engine runs the weights the trainer just pushed (fp32 on both sides): log-prob
         # differences are float noise, far below the 0.05-nat default tolerance.
         assert s["rollout/parity_mean_abs"] < 0.01
-        # Fresh samples from the synced engine: pi_theta / mu is 1 up to the same noise.
-        assert abs(s["is/w_mean"] - 1.0) < 0.01 and s["is/masked_frac"] == 0.0
-        assert abs(s["rollout/train_minus_rollout_logp"]) < 0.01
         assert s["tokens/response"] > 0
+        if not async_rollout:
+            # Fresh samples from the synced engine: pi_theta / mu is 1 up to the same noise.
+            assert abs(s["is/w_mean"] - 1.0) < 0.01 and s["is/masked_frac"] == 0.0
+            assert abs(s["rollout/train_minus_rollout_logp"]) < 0.01
+    if async_rollout:
+        # One step off: steps >= 2 train on samples of the previous weights, so the ratio
+        # moves away from 1 (IcePop sees it), while step 1's batch is on-policy.
+        assert abs(steps[0]["rollout/train_minus_rollout_logp"]) < 0.01
+        assert max(abs(s["rollout/train_minus_rollout_logp"]) for s in steps[1:]) > 1e-4
+    # The final student exported as an HF checkpoint equals the final Megatron checkpoint.
+    from safetensors.torch import load_file
+    from mopd_megatron.training.dist_ckpt import read_full
+    hf = {}
+    for f in (tmp_path / "run" / "hf").glob("*.safetensors"):
+        hf.update(load_file(f))
+    mc = read_full(str(tmp_path / "run" / "ckpt" / "step_3" / "dist"), ["embedding.word_embeddings.weight"])
+    emb = mc["embedding.word_embeddings.weight"]
+    assert hf["model.embed_tokens.weight"].equal(emb[:hf["model.embed_tokens.weight"].shape[0]])

@@ -55,6 +55,17 @@ def preflight(cfg: MOPDConfig, world_size: int) -> Inputs:
     if cfg.rollout.engine == "local" and cfg.parallel.pp > 1:
         raise ConfigError("rollout.engine", "local", "in-trainer sampling needs parallel.pp=1; "
                           "use rollout.engine=sglang with pipeline parallelism")
+    if cfg.train.async_rollout and cfg.rollout.engine == "local":
+        raise ConfigError("train.async_rollout", True, "one-step-off rollout needs server engines "
+                          "(rollout.engine=sglang); the local engine samples with the live weights")
+    ck = cfg.checkpoint
+    if ck.hf_export_dir is not None:
+        if ck.dir is None:
+            raise ConfigError("checkpoint.hf_export_dir", ck.hf_export_dir, "the HF export is "
+                              "converted from the final checkpoint: set checkpoint.dir")
+        if os.path.exists(ck.hf_export_dir) and os.listdir(ck.hf_export_dir):
+            raise ConfigError("checkpoint.hf_export_dir", ck.hf_export_dir, "exists and is not "
+                              "empty; the export will not overwrite it")
     _check_checkpoint(cfg.model.checkpoint, cfg.model.checkpoint_format, "model.checkpoint")
     for i, t in enumerate(cfg.teachers):
         _check_checkpoint(t.checkpoint, t.format, f"teachers[{i}].checkpoint")
