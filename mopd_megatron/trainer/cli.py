@@ -88,8 +88,8 @@ def main(argv=None) -> int:
             print(cfg.dump_yaml())
             print(plan(cfg, world))
             return 0
-        if launch_env().rank == 0:
-            _ensure_demo_inputs(cfg)
+        if world == 1:
+            _ensure_demo_inputs(cfg)  # multi-process: build first (tools/build_demo_teachers.py)
         _single_process_port()
         from ..train import Trainer
         trainer = Trainer(cfg)
