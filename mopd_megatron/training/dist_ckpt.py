@@ -18,6 +18,14 @@ def model_sharded_state_dict(chunks: list) -> dict:
     return {f"model{i}": _module(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
+def _call_compat(fn, *args):
+    """Call ``fn`` with as many leading ``args`` as this megatron-core release accepts
+    (0.16 takes ``(backend, version)``, 0.19 only ``(backend)``)."""
+    import inspect
+    n = len(inspect.signature(fn).parameters)
+    return fn(*args[:n])
+
+
 def _sharded(chunks, optimizer, is_loading):
     from megatron.core import parallel_state as ps  # noqa: F401  (state must be initialised)
     model_sd = model_sharded_state_dict(chunks)
@@ -41,7 +49,8 @@ def save(path: str, chunks: list, optimizer=None) -> None:
         os.makedirs(path, exist_ok=True)
     torch.distributed.barrier()
     dist_checkpointing.save(_sharded(chunks, optimizer, False), path,
-                            sharded_strategy=get_default_save_sharded_strategy("torch_dist", 1))
+                            sharded_strategy=_call_compat(get_default_save_sharded_strategy,
+                                                          "torch_dist", 1))
 
 
 def load(path: str, chunks: list, optimizer=None) -> None:
