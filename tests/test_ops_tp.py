@@ -99,3 +99,27 @@ def test_single_rank_fast_path_does_no_communication(monkeypatch):
     loss, _ = mopd_loss(b.pop("logits").requires_grad_(True), **b, **EPS, backend="torch")
     loss.backward()
     assert calls == []
+
+
+def _padding_shard_rank(rank, world, backend):
+    """Rank 1 holds only vocabulary padding (-inf logits), as a tiny vocabulary at TP=2 does."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 16, (6,), generator=g)
+    shard = real.float() if rank == 0 else torch.full((6, 16), float("-inf"))
+    leaf = shard.clone().requires_grad_(True)
+    logp, ent = token_logprobs(leaf, targets, dist.group.WORLD, return_entropy=True,
+                               backend=backend)
+    logp.sum().backward()
+    want = torch.log_softmax(real, -1).gather(1, targets[:, None]).squeeze(1)
+    p = torch.softmax(real, -1)
+    want_ent = -(p * torch.log_softmax(real, -1)).sum(-1)
+    return (float((logp.double() - want).abs().max()), float((ent.double() - want_ent).abs().max()),
+            bool(torch.isfinite(leaf.grad).all()) if rank == 0 else bool((leaf.grad == 0).all()))
+
+
+def test_shard_of_pure_padding_gives_finite_logprobs():
+    for logp_err, ent_err, grad_ok in run_ranks(_padding_shard_rank, 2, "torch"):
+        assert logp_err < 1e-5 and ent_err < 1e-5 and grad_ok

@@ -65,11 +65,14 @@ def _triton_kernels():
             cols = start + offs
             x = tl.load(x_row + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, 0))
-            e = tl.exp(x - m_new)  # padded lanes: exp(-inf) = 0
-            scale = tl.exp(m - m_new)  # first block: exp(-inf) = 0
+            # A block (or a whole shard: vocabulary padding at TP > 1) of only -inf keeps
+            # m_new = -inf; shifting by it would give exp(-inf + inf) = NaN, by 0 gives 0.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            e = tl.exp(x - m_ref)  # padded lanes: exp(-inf) = 0
+            scale = tl.exp(m - m_ref)  # first block: exp(-inf) = 0
             if WANT_ENTROPY:
                 # u is kept relative to the running max: re-base it when the max moves.
-                shifted = tl.where(e > 0, x - m_new, 0.0)
+                shifted = tl.where(e > 0, x - m_ref, 0.0)
                 dm = tl.where(s > 0, m - m_new, 0.0)  # s == 0 before the first finite block
                 u = scale * (u + dm * s) + tl.sum(e * shifted, 0)
             s = s * scale + tl.sum(e, 0)
@@ -143,7 +146,10 @@ def _shard_stats_torch(logits, want_entropy, chunk_tokens):
     for i in range(0, T, step):
         x = logits[i:i + step]  # [c, Vl] in the caller's dtype
         m_c = x.amax(dim=1).float()  # [c]
-        sh = x.to(torch.float32, copy=True).sub_(m_c[:, None])  # [c, Vl] fp32: x - m
+        # A row of only -inf (a shard of pure vocabulary padding at TP > 1) has m = -inf:
+        # shift it by 0 instead (exp(-inf) = 0, s = 0), not by -inf (NaN).
+        m_ref = torch.where(torch.isneginf(m_c), 0.0, m_c)
+        sh = x.to(torch.float32, copy=True).sub_(m_ref[:, None])  # [c, Vl] fp32: x - m
         e = sh.exp() if want_entropy else sh.exp_()  # entropy needs x - m kept as well
         m[i:i + step], s[i:i + step] = m_c, e.sum(dim=1)
         if want_entropy:
