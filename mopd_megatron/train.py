@@ -83,7 +83,7 @@ class Trainer:
         with self.phase("student", step):
             results = self.student_update(mbs)            # fused MOPD loss, optimizer step(s)
         with self.phase("sync", step):
-            parity = self.sync_weights(step, batch)       # new weights -> rollout engine
+            parity = self.sync_weights(step)              # new weights -> rollout engine
         metrics = self.metrics(batch, results, kl, parity, time.perf_counter() - t0)
         self.losses.append(metrics["loss"])
         self.logger.log(step, metrics)
@@ -151,15 +151,15 @@ class Trainer:
         return [train_step(self.chunks, self.optimizer, self.scheduler, mbs, self.loss_fn,
                            vocab_size=self.inputs.hf.vocab_size) for mbs in steps]
 
-    def sync_weights(self, step: int, batch: RolloutBatch | None = None) -> float | None:
+    def sync_weights(self, step: int) -> float | None:
         if not getattr(self.engine, "needs_weight_sync", True):
             return None
         from .trainer.sync import push_weights
-        if batch is not None:  # parity probe: a real sequence of this step
-            s = max(batch.samples, key=lambda x: len(x.token_ids))
-            probe = list(s.prompt_token_ids) + list(s.token_ids)
-        else:                  # at resume: the first prompt of the data
-            probe = next(iter(self.inputs.dataset.rows_by_domain.values()))[0].prompt_ids
+        # The parity probe is a fixed sequence (the first prompt of the data): deterministic
+        # across steps and resumes, and free of ids the engine may treat specially (sampled
+        # responses can hold tokens such as the last vocabulary id, which SGLang 0.5.23 on CPU
+        # reports back as 0).
+        probe = next(iter(self.inputs.dataset.rows_by_domain.values()))[0].prompt_ids
         return push_weights(self, step, probe)
 
     # --- metrics, checkpoints, eval ------------------------------------------------------

@@ -23,7 +23,9 @@ def train_with_sglang(rank, world, tiny, run, port, async_rollout):
     extra = ["rollout.engine=sglang", f"rollout.base_port={port}", f"checkpoint.hf_export_dir={run}/hf",
              f"model.checkpoint={tiny}/student/hf", "model.checkpoint_format=hf"]
     if async_rollout:  # one-step-off needs engines on their own devices (here: own processes)
-        extra += ["train.async_rollout=true", "rollout.mode=dedicated"]
+        # A large learning rate makes each update move the policy measurably, so stale samples
+        # show a train-vs-rollout gap (its expectation is -KL(mu || pi_theta)) well above noise.
+        extra += ["train.async_rollout=true", "rollout.mode=dedicated", "optimizer.lr=1e-2"]
     trainer = Trainer(load_recipe(RECIPE, recipe_overrides(Path(tiny), Path(run), steps=3, extra=extra)))
     try:
         trainer.train()
@@ -51,7 +53,7 @@ def test_sglang_rollout_weight_sync_and_parity(tmp_path, async_rollout):
         # One step off: steps >= 2 train on samples of the previous weights, so the ratio
         # moves away from 1 (IcePop sees it), while step 1's batch is on-policy.
         assert abs(steps[0]["rollout/train_minus_rollout_logp"]) < 0.01
-        assert max(abs(s["rollout/train_minus_rollout_logp"]) for s in steps[1:]) > 1e-4
+        assert max(abs(s["rollout/train_minus_rollout_logp"]) for s in steps[1:]) > 1e-3
     # The final student exported as an HF checkpoint equals the final Megatron checkpoint.
     from safetensors.torch import load_file
     from mopd_megatron.training.dist_ckpt import read_full

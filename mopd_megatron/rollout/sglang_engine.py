@@ -134,7 +134,8 @@ class SGLangEngine(RolloutEngine):
             entries = out["meta_info"]["input_token_logprobs"]
             if len(entries) != len(seq) or [e[1] for e in entries] != list(seq):
                 raise RolloutError(f"score: server returned log-probs for {len(entries)} tokens "
-                                   f"of a {len(seq)}-token sequence, or for other token ids")
+                                   f"of a {len(seq)}-token sequence, or for other token ids "
+                                   f"(sent {list(seq)}, got {[e[1] for e in entries]})")
             return [float(e[0]) for e in entries[1:]]   # first token has no context: None
         futures = [self._pool.submit(one, s, i) for i, s in enumerate(sequences)]
         return [f.result() for f in futures]

@@ -55,15 +55,29 @@ DEMO_STUDENT = ".cache/tiny_cpu/student/hf"  # the embedded recipe's model.hf_co
 
 def _ensure_demo_inputs(cfg) -> None:
     """The embedded demo builds its tiny teachers/student on first use (cached in .cache/);
-    only when the run points at the demo's own inputs."""
+    only when the run points at the demo's own inputs.
+
+    Every rank of a multi-process run (torchrun, Slurm) gets here before any process group
+    exists: the tool runs as a single-process child (rank variables removed) under an exclusive
+    file lock, so the first rank builds and the others find the cache complete.
+    """
     if cfg.model.hf_config != DEMO_STUDENT:
         return
+    import fcntl
+    import subprocess
     root = Path(default_recipe()).resolve().parent.parent
     tool = root / "tools" / "build_demo_teachers.py"
-    if tool.is_file():
-        import runpy
-        mod = runpy.run_path(str(tool))
-        mod["main"](["--out", str(Path(DEMO_STUDENT).parent.parent)])
+    if not tool.is_file():
+        return
+    out = Path(DEMO_STUDENT).parent.parent
+    out.parent.mkdir(parents=True, exist_ok=True)
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                     "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    with open(out.parent / f".{out.name}.build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        subprocess.run([sys.executable, str(tool), "--out", str(out)], env=env, check=True)
 
 
 def format_report(report: dict) -> str:
@@ -88,8 +102,7 @@ def main(argv=None) -> int:
             print(cfg.dump_yaml())
             print(plan(cfg, world))
             return 0
-        if world == 1:
-            _ensure_demo_inputs(cfg)  # multi-process: build first (tools/build_demo_teachers.py)
+        _ensure_demo_inputs(cfg)
         _single_process_port()
         from ..train import Trainer
         trainer = Trainer(cfg)

@@ -2,8 +2,8 @@
 
 The converter (``mopd_megatron.convert.export_hf_weights``) gathers this rank's Megatron shards
 into HF-named buckets; every rank iterates the export (it is collective over TP/PP), rank 0
-pushes the buckets. Afterwards a probe sequence (a real prompt + response) is scored by the engine and by the
-trainer: the mean |difference| (nats/token) is logged as ``rollout/parity_mean_abs`` and a value
+pushes the buckets. Afterwards a fixed probe sequence (the first prompt of the data) is scored by
+the engine and by the trainer: the mean |difference| (nats/token) is logged as ``rollout/parity_mean_abs`` and a value
 above ``rollout.parity_tolerance`` stops the run (every importance weight would be wrong).
 """
 from __future__ import annotations
@@ -36,8 +36,8 @@ def trainer_probe_logprobs(trainer, tokens: list[int]) -> list[float]:
 
 
 def push_weights(trainer, step: int, probe: list[int]) -> float:
-    """``probe``: a real token sequence (a prompt and a sampled response), the same on every
-    rank; random ids could include special tokens a server treats differently."""
+    """``probe``: a fixed real token sequence (a prompt of the data), the same on every rank;
+    random ids could include special tokens a server treats differently."""
     from ..rollout import check_parity
     try:
         from ..convert import export_hf_weights
