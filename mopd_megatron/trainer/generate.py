@@ -87,32 +87,13 @@ def _sample_block(model, prompts, max_new, temperature, eos_id, vocab_size, pad_
     return [(t, lp, "stop" if d else "length") for t, lp, d in zip(toks, lps, done)]
 
 
-class LocalEngine(RolloutEngine):
-    """The student samples its own rollouts inside the trainer (rollout.engine=local).
+class InProcessEngine(RolloutEngine):
+    """Engine without servers: no memory to release, nothing to abort or shut down; its only
+    state is how many ``generate`` calls it has served (checkpointed for exact resume)."""
 
-    log mu is the student's own log-prob at sampling time, so fresh samples have ratio 1 up
-    to the forward's numerical noise. Sampling draws from a generator seeded by (seed, call
-    number): ``state_dict`` holds the call number, so a resumed run draws what the
-    uninterrupted run would have. Every rank calls ``generate`` (TP ranks share the forward).
-    """
-
-    collective = True          # every rank takes part in generate()
-    needs_weight_sync = False  # it samples from the trainer's live weights
-
-    def __init__(self, chunks: list, *, vocab_size: int, eos_id: int, pad_id: int, seed: int):
-        self.chunks, self.vocab_size, self.eos_id, self.pad_id = chunks, vocab_size, eos_id, pad_id
-        self.seed, self.calls, self.version = seed, 0, "local"
-
-    def generate(self, prompts_token_ids: Sequence[Sequence[int]], n: int,
-                 sampling: SamplingParams) -> list[Sample]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
-        self.calls += 1
-        flat = [list(p) for p in prompts_token_ids for _ in range(n)]
-        out = sample_tokens(self.chunks, flat, max_new_tokens=sampling.max_new_tokens,
-                            temperature=sampling.temperature, eos_id=self.eos_id,
-                            vocab_size=self.vocab_size, pad_id=self.pad_id, generator=gen)
-        return [Sample(k // n, k % n, flat[k], t, lp, reason, self.version)
-                for k, (t, lp, reason) in enumerate(out)]
+    health_name = "in-process"
+    calls = 0
+    version = "default"
 
     def state_dict(self) -> dict:
         return {"calls": self.calls}
@@ -130,10 +111,40 @@ class LocalEngine(RolloutEngine):
         pass
 
     def health(self) -> dict[str, bool]:
-        return {"local": True}
+        return {self.health_name: True}
 
     def abort(self) -> None:
         pass
 
     def shutdown(self) -> None:
         pass
+
+
+class LocalEngine(InProcessEngine):
+    """The student samples its own rollouts inside the trainer (rollout.engine=local).
+
+    log mu is the student's own log-prob at sampling time, so fresh samples have ratio 1 up
+    to the forward's numerical noise. Sampling draws from a generator seeded by (seed, call
+    number): ``state_dict`` holds the call number, so a resumed run draws what the
+    uninterrupted run would have. Every rank calls ``generate`` (TP ranks share the forward).
+    """
+
+    collective = True          # every rank takes part in generate()
+    needs_weight_sync = False  # it samples from the trainer's live weights
+    health_name = "local"
+
+    def __init__(self, chunks: list, *, vocab_size: int, eos_id: int, pad_id: int, seed: int):
+        self.chunks, self.vocab_size, self.eos_id, self.pad_id = chunks, vocab_size, eos_id, pad_id
+        self.seed, self.calls, self.version = seed, 0, "local"
+
+    def generate(self, prompts_token_ids: Sequence[Sequence[int]], n: int,
+                 sampling: SamplingParams) -> list[Sample]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
+        self.calls += 1
+        flat = [list(p) for p in prompts_token_ids for _ in range(n)]
+        out = sample_tokens(self.chunks, flat, max_new_tokens=sampling.max_new_tokens,
+                            temperature=sampling.temperature, eos_id=self.eos_id,
+                            vocab_size=self.vocab_size, pad_id=self.pad_id, generator=gen)
+        return [Sample(k // n, k % n, flat[k], t, lp, reason, self.version)
+                for k, (t, lp, reason) in enumerate(out)]
+

@@ -8,11 +8,12 @@ with ``torch.save``. Replay checks that the trainer asks for the same prompts in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
-from ..rollout.engine import NamedTensorBucket, RolloutEngine, Sample, SamplingParams
+from ..rollout.engine import RolloutEngine, Sample, SamplingParams
+from .generate import InProcessEngine
 
 __all__ = ["RecordingEngine", "ReplayEngine"]
 
@@ -58,11 +59,12 @@ class RecordingEngine(RolloutEngine):
         self.inner.shutdown()
 
 
-class ReplayEngine(RolloutEngine):
+class ReplayEngine(InProcessEngine):
     """Answers generate() call k with the k-th recorded answer."""
 
     collective = False
     needs_weight_sync = False
+    health_name = "replay"
 
     def __init__(self, calls: list[list[Sample]] | str | Path):
         if not isinstance(calls, list):
@@ -84,26 +86,3 @@ class ReplayEngine(RolloutEngine):
         self.calls += 1
         return out
 
-    def state_dict(self) -> dict:
-        return {"calls": self.calls}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.calls = int(state["calls"])
-
-    def update_weights(self, named_tensor_buckets: Iterable[NamedTensorBucket], version: str) -> None:
-        self.version = version
-
-    def release_memory(self) -> None:
-        pass
-
-    def resume_memory(self) -> None:
-        pass
-
-    def health(self) -> dict[str, bool]:
-        return {"replay": True}
-
-    def abort(self) -> None:
-        pass
-
-    def shutdown(self) -> None:
-        pass
