@@ -130,6 +130,16 @@ def _job_fields(jid: str) -> dict:
     return dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
 
 
+def _submit(env: dict, out_dir, tasks: int, *extra: str) -> str:
+    """sbatch the launcher on one CPU node with ``tasks`` ranks; returns the job id."""
+    sub = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=1", f"--ntasks-per-node={tasks}", "--gpus-per-node=0",
+         *extra, f"--output={out_dir}/slurm-%j.out", str(SCRIPT)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    return sub.stdout.strip().split(";")[0]
+
+
 def _wait_job(jid: str, timeout_s: float) -> dict:
     """Poll slurmctld (sbatch --wait returns slowly on this setup)."""
     t0 = time.monotonic()
@@ -180,12 +190,7 @@ def test_real_slurm_job_tiny_cpu_two_tasks(local_slurm, tmp_path, trainer):
     else:
         env["MOPD_RANK_CMD"] = (f"{sys.executable} tests/harness/slurm_local/rank_check.py "
                                 f"{run}/ranks")
-    sub = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
-         "--time=00:15:00", f"--output={run}/slurm-%j.out", str(SCRIPT)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert sub.returncode == 0, sub.stderr
-    jid = sub.stdout.strip().split(";")[0]
+    jid = _submit(env, run, 2, "--time=00:15:00")
     f = _wait_job(jid, 900 if REAL_TRAINER else 240)
     out = (run / f"slurm-{jid}.out")
     logs = "\n".join(p.read_text() for p in sorted((run / "logs").glob("*.log")))
@@ -224,12 +229,7 @@ def test_real_slurm_cancel_leaves_nothing_behind(local_slurm, tmp_path):
                      MOPD_PYTHON=sys.executable, MOPD_LOG_DIR=str(tmp_path / "logs"),
                      MOPD_RANK_CMD="sleep 600 & wait",
                      MOPD_OVERRIDES=" ".join(_tiny_two_rank_overrides()))
-    sub = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
-         f"--output={tmp_path}/slurm-%j.out", str(SCRIPT)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert sub.returncode == 0, sub.stderr
-    jid = sub.stdout.strip().split(";")[0]
+    jid = _submit(env, tmp_path, 2)
     t0 = time.monotonic()
     while not any("sleep 600" in c for c in _job_processes(jid)):
         assert time.monotonic() - t0 < 120, f"ranks never started: {_job_fields(jid)}"
@@ -251,12 +251,7 @@ def test_real_slurm_job_refuses_a_plan_that_does_not_fit(local_slurm, tmp_path):
     env = _clean_env(MOPD_GPUS_PER_NODE="8", MOPD_PYTHON=sys.executable,
                      MOPD_OVERRIDES="parallel.pp=1", MOPD_LOG_DIR=str(tmp_path / "logs"),
                      MOPD_RANK_CMD="echo must-not-run")
-    sub = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0",
-         f"--output={tmp_path}/slurm-%j.out", str(SCRIPT)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert sub.returncode == 0, sub.stderr
-    jid = sub.stdout.strip().split(";")[0]
+    jid = _submit(env, tmp_path, 1)
     f = _wait_job(jid, 120)
     out = (tmp_path / f"slurm-{jid}.out").read_text()
     assert f["JobState"] == "FAILED" and f["ExitCode"] == "1:0", f"{f}\n{out}"
