@@ -28,7 +28,7 @@ def assert_nothing_written(run: Path):
 
 def test_malformed_row_names_file_and_line(tiny, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"domain": "addition", "prompt": "1+2=", "answer": "3"}\n{"domain": "addition", "prompt": \n')
+    bad.write_text('{"domain": "caesar", "prompt": "abc=", "answer": "def"}\n{"domain": "caesar", "prompt": \n')
     code, err = run_cli(recipe_overrides(tiny, tmp_path / "run", extra=[f"data.paths=[{bad}]"]), capsys)
     assert code == 2 and f"{bad}:2" in err and "bad_json" in err
     assert_nothing_written(tmp_path / "run")
@@ -43,7 +43,7 @@ def test_unknown_domain_row(tiny, tmp_path, capsys):
 
 
 def test_domain_without_teacher(tiny, tmp_path, capsys):
-    extra = ["data.domain_weights={addition: 1.0, reversal: 1.0, copy: 1.0}",
+    extra = ["data.domain_weights={caesar: 1.0, reversal: 1.0, copy: 1.0}",
              "reward.verifiers.copy={type: exact_match}"]
     code, err = run_cli(recipe_overrides(tiny, tmp_path / "run", extra=extra), capsys)
     assert code == 2 and "'copy' has no teacher" in err
@@ -52,7 +52,7 @@ def test_domain_without_teacher(tiny, tmp_path, capsys):
 
 def test_teacher_vocabulary_mismatch(tiny, tmp_path, capsys):
     other = tmp_path / "teacher_hf"
-    shutil.copytree(tiny / "teacher_addition" / "hf", other)
+    shutil.copytree(tiny / "teacher_caesar" / "hf", other)
     cfg = json.loads((other / "config.json").read_text())
     cfg["vocab_size"] += 8
     (other / "config.json").write_text(json.dumps(cfg))
@@ -63,7 +63,7 @@ def test_teacher_vocabulary_mismatch(tiny, tmp_path, capsys):
 
 def test_teacher_tokenizer_mismatch(tiny, tmp_path, capsys):
     other = tmp_path / "teacher_hf"
-    shutil.copytree(tiny / "teacher_addition" / "hf", other)
+    shutil.copytree(tiny / "teacher_caesar" / "hf", other)
     tok = json.loads((other / "tokenizer.json").read_text())
     vocab = tok["model"]["vocab"]
     vocab["a"], vocab["b"] = vocab["b"], vocab["a"]  # same size, two ids swapped

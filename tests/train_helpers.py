@@ -32,8 +32,8 @@ def tiny_inputs(out: Path) -> Path:
 
 def recipe_overrides(d: Path, run: Path, steps: int = 3, extra: list[str] = ()) -> list[str]:
     return [f"model.hf_config={d}/student/hf", f"model.checkpoint={d}/student/mcore",
-            f"teachers[0].checkpoint={d}/teacher_addition/mcore",
-            f"teachers[0].hf_config={d}/teacher_addition/hf",
+            f"teachers[0].checkpoint={d}/teacher_caesar/mcore",
+            f"teachers[0].hf_config={d}/teacher_caesar/hf",
             f"teachers[1].checkpoint={d}/teacher_reversal/mcore",
             f"teachers[1].hf_config={d}/teacher_reversal/hf",
             f"data.paths=[{d}/prompts.jsonl]", "data.eval_paths=[]",

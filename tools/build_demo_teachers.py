@@ -3,18 +3,20 @@
 domains, two specialist teachers and a weak student, all trained here on CPU, deterministically.
 
 Domains (exact-match rewards):
-    addition   "07+48="  -> "550"     two zero-padded numbers in [0, 10**digits); the sum is
-                                      written zero-padded to digits+1 places, least significant
-                                      digit first (the order carries propagate in, which a tiny
-                                      model learns in seconds instead of minutes)
-    reversal   "cabhd>"  -> "dhbac"   strings over a-h, length 3..max_len
+    caesar     "cabhd="  -> "fdekg"   each letter moved `shift` (3) places along a-h, wrapping
+    reversal   "cabhd>"  -> "dhbac"   the string backwards
+    (strings over a-h, length 3..max_len)
+
+Two-digit addition was the first choice and is documented as a negative result in the README:
+MOPD's sampled-token reverse-KL signal did not teach the carry algorithm to this 2-layer student
+in the demo's budget (the student, 1% at the start, ended at 0%), while both letter tasks improve.
 
 Teachers are trained by supervised fine-tuning (masked cross-entropy on the answer and EOS) on
 their own domain only; the student gets a short SFT on both, so it knows the answer format but
 is weak at both. Everything goes to ``<out>/`` (default ``.cache/tiny_cpu``):
 
     tokenizer/ (HF tokenizer files)   prompts.jsonl  eval.jsonl
-    student/{hf, mcore}   teacher_addition/{hf, mcore}   teacher_reversal/{hf, mcore}
+    student/{hf, mcore}   teacher_caesar/{hf, mcore}   teacher_reversal/{hf, mcore}
     build.json            the settings + a hash; a rerun with equal settings is a no-op
 
 ``hf/`` is an HF checkpoint (config.json, tokenizer, safetensors: what SGLang serves) and
@@ -39,6 +41,7 @@ LETTERS = "abcdefgh"
 SPECIALS = ["<pad>", "<s>", "</s>"]
 VOCAB = SPECIALS + list("0123456789") + ["+", "=", ">"] + list(LETTERS)
 PAD, BOS, EOS = 0, 1, 2
+DOMAINS = ("caesar", "reversal")
 
 
 @dataclass
@@ -47,22 +50,25 @@ class DemoSettings:
 
     out: str = ".cache/tiny_cpu"
     seed: int = 0
-    digits: int = 2                 # addition operands in [0, 10**digits)
-    max_len: int = 5                # reversal strings of length 3..max_len
-    train_prompts: int = 4000       # per domain, for SFT and for MOPD prompts
+    shift: int = 3                  # caesar: each letter moves this many places along a-h
+    max_len: int = 5                # strings of length 3..max_len
+    train_prompts: int = 4000       # per domain, for SFT and for MOPD prompts (20000 left
+                                    # the caesar teacher at 66% after teacher_steps)
     eval_prompts: int = 200         # per domain, held out (never trained on)
     hidden: int = 96
     layers: int = 2
     heads: int = 4
     ffn: int = 256
-    teacher_steps: int = 1500       # addition reaches ~0.005 nats/token; reversal ~0 by 300
-    student_steps: int = 200        # knows the formats, weak at both
+    teacher_steps: int = 600        # caesar ~0.005, reversal ~0.0003 nats/token by then
+    student_steps: int = 150        # knows the formats, weak at both (~73% caesar, ~54% reversal)
     batch: int = 64
-    lr: float = 1e-3                # 3e-3 stalls addition at ~0.5 nats/token
-    label_smoothing: float = 0.1    # teachers (and student) are never certain: log T(wrong)
-                                    # ~ -5.5 instead of ~ -20. MOPD's sampled-token estimator
-                                    # of the reverse-KL gradient has variance ~ (log T)^2; with
-                                    # unsmoothed teachers it is too noisy to learn from here
+    lr: float = 1e-3
+    teacher_label_smoothing: float = 0.0  # confident teachers: a wrong token costs ~-15 nats,
+                                    # a strong push away from it. Smoothed (0.1) teachers give
+                                    # every wrong token ~-5.8, and the student then matched their
+                                    # 10% tail of junk: 82% / 90% instead of 98% on reversal
+    student_label_smoothing: float = 0.1  # the student keeps some mass on every token, so
+                                    # on-policy samples still reach the tokens it gets wrong
     unused_tokens: int = 8          # placeholder tokens appended to the vocabulary: SGLang 0.5.23
                                     # on CPU scores/returns the last vocabulary id as 0, so no
                                     # real token may sit there; tests use more so that every
@@ -75,21 +81,22 @@ class DemoSettings:
 
 # --- tasks ------------------------------------------------------------------------------------
 def make_row(domain: str, rng: random.Random, s: DemoSettings) -> dict:
-    if domain == "addition":
-        a, b = rng.randrange(10 ** s.digits), rng.randrange(10 ** s.digits)
-        w = s.digits
-        return {"domain": "addition", "prompt": f"{a:0{w}d}+{b:0{w}d}=",
-                "answer": f"{a + b:0{w + 1}d}"[::-1]}
     n = rng.randint(3, s.max_len)
     w = "".join(rng.choice(LETTERS) for _ in range(n))
+    if domain == "caesar":
+        return {"domain": "caesar", "prompt": f"{w}=", "answer": caesar(w, s.shift)}
     return {"domain": "reversal", "prompt": f"{w}>", "answer": w[::-1]}
+
+
+def caesar(word: str, shift: int) -> str:
+    return "".join(LETTERS[(LETTERS.index(c) + shift) % len(LETTERS)] for c in word)
 
 
 def make_splits(s: DemoSettings) -> tuple[list[dict], list[dict]]:
     """Disjoint train / held-out eval prompts per domain."""
     rng = random.Random(s.seed)
     train, evals = [], []
-    for dom in ("addition", "reversal"):
+    for dom in DOMAINS:
         seen: set[str] = set()
         rows = []
         while len(rows) < s.train_prompts + s.eval_prompts:
@@ -104,8 +111,6 @@ def make_splits(s: DemoSettings) -> tuple[list[dict], list[dict]]:
 
 
 def _space(dom: str, s: DemoSettings) -> int:
-    if dom == "addition":
-        return 10 ** (2 * s.digits)
     return sum(len(LETTERS) ** n for n in range(3, s.max_len + 1))
 
 
@@ -175,7 +180,7 @@ def smoothed_ce(vocab_size: int, eps: float):
 
 
 def train_model(hf: dict, rows: list[dict], tokenizer, steps: int, s: DemoSettings, seed: int,
-                out_dir: Path, log_every: int = 200) -> None:
+                out_dir: Path, label_smoothing: float, log_every: int = 200) -> None:
     import torch
     from mopd_megatron.models.builder import BuildOptions, build_model_chunks
     from mopd_megatron.models.hf_config import load_hf_config
@@ -192,7 +197,7 @@ def train_model(hf: dict, rows: list[dict], tokenizer, steps: int, s: DemoSettin
     opt, sched = build_optimizer(chunks, settings, torch.float32)
     t0 = time.time()
     for i, mbs in enumerate(sft_batches(rows, tokenizer, s.batch, steps, seed)):
-        res = train_step(chunks, opt, sched, mbs, smoothed_ce(h.vocab_size, s.label_smoothing),
+        res = train_step(chunks, opt, sched, mbs, smoothed_ce(h.vocab_size, label_smoothing),
                          vocab_size=h.vocab_size)
         if (i + 1) % log_every == 0 or i + 1 == steps:
             m = res.metrics[0]
@@ -233,11 +238,12 @@ def build(s: DemoSettings, force: bool = False) -> Path:
     _free_port_env()
     init_runtime(1, 1, None, s.seed)
     hf = hf_config(s)
-    by_dom = {d: [r for r in train if r["domain"] == d] for d in ("addition", "reversal")}
-    for i, dom in enumerate(("addition", "reversal")):
+    by_dom = {d: [r for r in train if r["domain"] == d] for d in DOMAINS}
+    for i, dom in enumerate(DOMAINS):
         train_model(hf, by_dom[dom], tokenizer, s.teacher_steps, s, s.seed + 1 + i,
-                    out / f"teacher_{dom}")
-    train_model(hf, train, tokenizer, s.student_steps, s, s.seed + 10, out / "student")
+                    out / f"teacher_{dom}", s.teacher_label_smoothing)
+    train_model(hf, train, tokenizer, s.student_steps, s, s.seed + 10, out / "student",
+                s.student_label_smoothing)
     stamp.write_text(json.dumps({"digest": s.digest(), "settings": asdict(s),
                                  "seconds": round(time.time() - t0, 1)}, indent=1))
     print(f"built demo inputs in {out} in {time.time() - t0:.0f}s")
@@ -268,7 +274,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="output directory (default .cache/tiny_cpu)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
     for f in ("seed", "teacher_steps", "student_steps", "hidden", "layers", "ffn", "batch",
-              "unused_tokens"):
+              "unused_tokens", "train_prompts"):
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     args = ap.parse_args(argv)
@@ -276,7 +282,7 @@ def main(argv=None) -> None:
     if args.out:
         s.out = args.out
     for f in ("seed", "teacher_steps", "student_steps", "hidden", "layers", "ffn", "batch", "lr",
-              "unused_tokens"):
+              "unused_tokens", "train_prompts"):
         if getattr(args, f) is not None:
             setattr(s, f, getattr(args, f))
     build(s, force=args.force)
