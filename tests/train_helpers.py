@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = str(ROOT / "recipes" / "tiny_cpu.yaml")
 TINY_FLAGS = ["--teacher-steps", "20", "--student-steps", "10", "--hidden", "32", "--ffn", "64",
-              "--layers", "2", "--batch", "16", "--seed", "0",
+              "--layers", "2", "--batch", "16", "--seed", "0", "--train-prompts", "400",
               # vocab 24 + 110 = 134 > 128: at TP=2 both vocab shards hold real tokens (an
               # all-padding shard makes ops' log-softmax NaN: reported to the ops owner)
               "--unused-tokens", "110"]
