@@ -228,6 +228,17 @@ def test_every_field_is_documented():
     assert {"loss.eps_low", "teachers[].offload", "model.fp8.recipe", "reward.verifiers.<key>.type"} <= paths
 
 
+def test_readme_field_table_matches_the_code(tmp_path):
+    from mopd_megatron.config.docs import main as docs_main
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    assert docs_main([str(readme), "--check"]) == 0, \
+        "README's recipe-field table is stale: python -m mopd_megatron.config.docs README.md"
+    stale = tmp_path / "R.md"
+    stale.write_text(readme.read_text().replace("| `train.seed` | int | `1234` |",
+                                                "| `train.seed` | int | `1` |"))
+    assert docs_main([str(stale), "--check"]) == 1
+
+
 def test_validate_errors_point_at_the_recipe_line(tmp_path):
     text = BASE.replace("{math: 1.0, code: 2.0}", "{math: 1.0, code: 2.0, chat: 1.0}")
     cfg = load_recipe(write(tmp_path, text))
@@ -247,3 +258,15 @@ def test_loaded_config_pickles_and_overrides_copy_input():
     data = yaml.safe_load(BASE)
     config_from_dict(data, ["train.steps=3", "model.fp8.enabled=false"])
     assert "steps" not in data["train"] and "fp8" not in data["model"]
+
+
+def test_rollout_cpu_and_batching_fields():
+    from mopd_megatron.config.systems import RolloutConfig
+    with pytest.raises(ConfigError, match=r"rollout.samples_per_request=4: batched requests need "
+                                          r"direct server URLs"):
+        RolloutConfig(router=True, samples_per_request=4)
+    for field in ("samples_per_request", "max_total_tokens", "server_cpu_threads"):
+        with pytest.raises(ConfigError, match=rf"rollout.{field}=0: must be >= 1"):
+            RolloutConfig(**{field: 0})
+    with pytest.raises(ConfigError, match=r"train.cpu_threads=0: must be >= 1"):
+        config_from_dict(yaml.safe_load(BASE), ["train.cpu_threads=0"])

@@ -113,6 +113,17 @@ def engine(fleet):
         eng.shutdown()
 
 
+@pytest.fixture(scope="module")
+def batched(fleet):
+    """The same server, with up to 4 samples per /generate request (rollout.samples_per_request)."""
+    eng = SGLangEngine([fleet["main"].url], [fleet["main"]], concurrency=8,
+                       request_timeout_s=120, health_timeout_s=20, samples_per_request=4)
+    try:
+        yield eng
+    finally:
+        eng.shutdown()
+
+
 def assert_matches_reference(samples, hf, atol=LOGPROB_ATOL, temperature=1.0):
     for s in samples:
         ref = ref_logprobs(hf, s.prompt_token_ids + s.token_ids,
@@ -126,7 +137,10 @@ PROMPTS = [[5, 6, 7, 8], [40, 41, 42, 43, 44, 45, 46], [100, 3]]
 
 
 # -- tests -----------------------------------------------------------------------------------
-def test_generate_logprobs_match_hf_forward(engine, models):
+@pytest.mark.parametrize("which", ["engine", "batched"])
+def test_generate_logprobs_match_hf_forward(which, models, request):
+    # batched: 6 samples in requests of 4 and 2, each sample with its own rid
+    engine = request.getfixturevalue(which)
     samples = engine.generate(PROMPTS, n=2, sampling=SamplingParams(
         temperature=1.0, max_new_tokens=12, ignore_eos=True))
     assert [(s.prompt_index, s.sample_index) for s in samples] == \
@@ -221,7 +235,9 @@ def test_release_resume_keeps_generation(engine, models):
     assert_matches_reference(after, models["hf_a"])
 
 
-def test_abort_in_flight(engine):
+@pytest.mark.parametrize("which", ["engine", "batched"])
+def test_abort_in_flight(which, request):
+    engine = request.getfixturevalue(which)
     long = SamplingParams(temperature=1.0, max_new_tokens=900, ignore_eos=True)
     out = {}
     t = threading.Thread(target=lambda: out.setdefault("s", engine.generate([PROMPTS[0]], 2, long)))
@@ -270,6 +286,9 @@ def test_router_with_two_servers(engine, fleet, models):
         samples = routed.generate(PROMPTS, 3, SamplingParams(max_new_tokens=6, ignore_eos=True))
         assert len(samples) == 9 and all(len(s.token_ids) == 6 for s in samples)
         assert_matches_reference(samples, models["hf_a"])
+        # sglang-router 0.3.2 takes one rid per request (HTTP 422 for a list): refused up front
+        with pytest.raises(ValueError, match="samples_per_request=4 needs direct server URLs"):
+            SGLangEngine(urls, router=router, samples_per_request=4)
         routed._pool.shutdown()
     finally:
         if router is not None:
@@ -277,8 +296,11 @@ def test_router_with_two_servers(engine, fleet, models):
         second.stop()   # frees its CPU for the rest of the module
 
 
-def test_server_killed_mid_rollout_is_restarted_and_resubmitted(engine, models):
-    # Runs last: it replaces the module's server process.
+def test_server_killed_mid_rollout_is_restarted_and_resubmitted(batched, models):
+    # Runs last: it replaces the module's server process. Batched requests (2 + 1 samples):
+    # a lost request is resubmitted whole, with fresh rids for each of its samples.
+    engine = batched
+    engine.samples_per_request = 2
     engine.update_weights(iter(state_buckets(models["a"])), version="v3")
     engine.weight_source = lambda: iter(state_buckets(models["a"]))
     server = engine.servers[0]

@@ -32,9 +32,19 @@ def test_cpu_server_command_and_env():
         ("127.0.0.1", "31234", "2")
     assert _flag(cmd, "--device") == "cpu" and _flag(cmd, "--attention-backend") == "torch_native"
     assert "--enable-memory-saver" not in cmd       # CPU has no memory saver
+    assert "--sleep-on-idle" in cmd                 # an idle scheduler must not spin a core
+    assert "--max-total-tokens" not in cmd          # SGLang sizes the cache unless told
     assert cmd[-2:] == ["--x", "1"]
     assert spec.environment()["SGLANG_USE_CPU_ENGINE"] == "1"
     assert spec.url == "http://127.0.0.1:31234"
+    capped = ServerSpec(model_path="/m", port=1, device="cpu", max_total_tokens=4096, cpu_threads=3)
+    assert _flag(capped.command(), "--max-total-tokens") == "4096"
+    assert capped.environment()["OMP_NUM_THREADS"] == "3"   # conftest sets 1
+
+
+def test_cpu_threads_apply_to_cpu_servers_only():
+    assert ServerSpec(model_path="/m", port=1, device="cuda", cpu_threads=1).environment() == \
+        dict(os.environ)
 
 
 def test_cuda_server_command_memory_saver_only_when_colocated():
@@ -50,11 +60,12 @@ def test_server_specs_from_rollout_config():
     from mopd_megatron.config.systems import RolloutConfig
     from mopd_megatron.rollout.sglang_engine import server_specs_from_config
     cfg = RolloutConfig(mode="dedicated", num_engines=3, base_port=31000, host="127.0.0.2",
-                        server_tp_size=2, mem_fraction_static=0.4)
+                        server_tp_size=2, mem_fraction_static=0.4, max_total_tokens=2048,
+                        server_cpu_threads=3)
     specs = server_specs_from_config(cfg, "/ckpt", log_dir="/logs", device="cuda")
     assert [s.url for s in specs] == [f"http://127.0.0.2:{31000 + i}" for i in range(3)]
     assert all(s.tp_size == 2 and s.mem_fraction_static == 0.4 and not s.colocated
-               for s in specs)
+               and s.max_total_tokens == 2048 and s.cpu_threads == 3 for s in specs)
     assert specs[2].log_path == "/logs/sglang_2.log"
     assert "--enable-memory-saver" not in specs[0].command()
     colo = server_specs_from_config(RolloutConfig(mode="colocated"), "/ckpt", device="cuda")

@@ -21,9 +21,14 @@ class TrainConfig:
     async_rollout: bool = doc(
         False, "One-step-off asynchronous rollout: generate batch k+1 with weights of step k "
                "while training on batch k (needs dedicated or external engines).")
+    cpu_threads: int | None = doc(
+        None, "CPU runs only: torch threads of each trainer process; null: torch's default (all "
+              "cores). With SGLang servers on the same few cores, 1 each avoids oversubscription.")
 
     def __post_init__(self):
         check(self.steps >= 1, self, "steps", "must be >= 1")
+        check(self.cpu_threads is None or self.cpu_threads >= 1, self, "cpu_threads",
+              "must be >= 1 or null")
         check(self.prompts_per_step >= 1, self, "prompts_per_step", "must be >= 1")
         check(self.seed >= 0, self, "seed", "must be >= 0")
 

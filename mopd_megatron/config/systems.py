@@ -34,10 +34,22 @@ class RolloutConfig:
     top_k: int = doc(-1, "Top-k sampling (-1 disables).")
     max_new_tokens: int = doc(1024, "Maximum response length in tokens.")
     concurrency: int = doc(256, "In-flight generate requests per engine.")
+    samples_per_request: int = doc(
+        1, "Samples sent in one /generate request (a batched request). 1: one request per "
+           "sample, the finest load balancing and retry; larger values cut the per-request "
+           "overhead that dominates small models on CPU. A failed request resubmits its samples.")
     request_timeout_s: float = doc(600.0, "Timeout of one generate request.")
     startup_timeout_s: float = doc(600.0, "Time allowed for an engine to become healthy.")
     server_tp_size: int = doc(1, "Tensor-parallel size of each SGLang server.")
     mem_fraction_static: float = doc(0.6, "SGLang's static GPU memory fraction (weights + KV cache).")
+    max_total_tokens: int | None = doc(
+        None, "KV-cache size in tokens of each launched server; null: SGLang sizes it from "
+              "mem_fraction_static (on CPU that is a fraction of host RAM, so cap it there).")
+    server_cpu_threads: int | None = doc(
+        None, "CPU servers only: OMP threads of each launched server; null: torch's default.")
+    server_log_dir: str | None = doc(
+        None, "Launched servers (and the router) write sglang_<i>.log / router.log here; "
+              "null: their output goes to the trainer's.")
     host: str = doc("127.0.0.1", "Address launched servers bind to.")
     base_port: int = doc(30000, "First port for launched servers (one port per engine).")
     router: bool = doc(False, "Put sglang-router in front of the engines.")
@@ -61,6 +73,14 @@ class RolloutConfig:
         check(self.top_k == -1 or self.top_k >= 1, self, "top_k", "must be -1 or >= 1")
         check(self.max_new_tokens >= 1, self, "max_new_tokens", "must be >= 1")
         check(self.concurrency >= 1, self, "concurrency", "must be >= 1")
+        check(self.samples_per_request >= 1, self, "samples_per_request", "must be >= 1")
+        check(self.samples_per_request == 1 or not self.router, self, "samples_per_request",
+              "batched requests need direct server URLs (rollout.router: false): "
+              "sglang-router takes one rid per request")
+        check(self.max_total_tokens is None or self.max_total_tokens >= 1, self,
+              "max_total_tokens", "must be >= 1 or null")
+        check(self.server_cpu_threads is None or self.server_cpu_threads >= 1, self,
+              "server_cpu_threads", "must be >= 1 or null")
         check(self.request_timeout_s > 0, self, "request_timeout_s", "must be > 0")
         check(self.startup_timeout_s > 0, self, "startup_timeout_s", "must be > 0")
         check(self.server_tp_size >= 1, self, "server_tp_size", "must be >= 1")

@@ -35,8 +35,10 @@ DEVICE_PROFILES: dict[str, DeviceProfile] = {
     # CUDA: SGLang's defaults (flashinfer/fa3 attention); memory saver for colocation.
     "cuda": DeviceProfile(supports_memory_saver=True),
     # CPU (the test harness, tests/harness/sglang_cpu): the CPU engine and the only attention
-    # backend that works without compiled kernels.
-    "cpu": DeviceProfile(args=("--device", "cpu", "--attention-backend", "torch_native"),
+    # backend that works without compiled kernels. --sleep-on-idle: an idle scheduler otherwise
+    # spins a whole core, which on CPU is the core the colocated trainer needs.
+    "cpu": DeviceProfile(args=("--device", "cpu", "--attention-backend", "torch_native",
+                               "--sleep-on-idle"),
                          env=(("SGLANG_USE_CPU_ENGINE", "1"),)),
 }
 
@@ -59,6 +61,7 @@ class ServerSpec:
     dtype: str = "auto"
     colocated: bool = False           # memory saver on devices that support it
     max_total_tokens: int | None = None
+    cpu_threads: int | None = None    # device cpu: OMP threads of the server; None: torch's default
     extra_args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     log_path: str | None = None       # server stdout+stderr; None -> inherit
@@ -89,6 +92,8 @@ class ServerSpec:
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(dict(DEVICE_PROFILES[self.resolved_device()].env))
+        if self.cpu_threads is not None and self.resolved_device() == "cpu":
+            env["OMP_NUM_THREADS"] = str(self.cpu_threads)
         env.update(dict(self.env))
         return env
 

@@ -6,6 +6,13 @@ engine check that server. If the process is gone or /health_generate fails and t
 launched it, the server is restarted on the same address (once, however many requests saw the
 failure) and every unfinished request is resubmitted. Requests that the server answered with
 an error are not retried: that is a bug or bad input, not a crash.
+
+Samples go one per request by default; with samples_per_request = k > 1 they go in batched
+requests of up to k samples (SGLang's list form of /generate, one rid per sample; not behind sglang-router, which
+takes one rid per request), which is
+what a small model on CPU needs: there the HTTP and tokenizer-manager overhead per request
+costs more than the forward. A batched request fails or succeeds as a whole and is resubmitted
+as a whole.
 """
 from __future__ import annotations
 
@@ -37,9 +44,16 @@ class SGLangEngine(RolloutEngine):
     def __init__(self, urls: Sequence[str], servers: Sequence[SGLangServer | None] = (),
                  router: SGLangRouter | None = None, tp_sizes: Sequence[int] | None = None,
                  concurrency: int = 64, request_timeout_s: float = 600.0, max_retries: int = 3,
-                 health_timeout_s: float = 30.0, pause_mode: str = "retract"):
+                 health_timeout_s: float = 30.0, pause_mode: str = "retract",
+                 samples_per_request: int = 1):
         if not urls:
             raise ValueError("SGLangEngine needs at least one server URL")
+        if samples_per_request < 1:
+            raise ValueError(f"samples_per_request must be >= 1, got {samples_per_request}")
+        if samples_per_request > 1 and router is not None:
+            raise ValueError(f"samples_per_request={samples_per_request} needs direct server "
+                             "URLs: sglang-router takes one rid per request, not a batch")
+        self.samples_per_request = samples_per_request
         self.clients = [ServerClient(u, request_timeout_s) for u in urls]
         self.servers = list(servers) or [None] * len(urls)   # None: not ours to restart
         self.router = router
@@ -94,9 +108,12 @@ class SGLangEngine(RolloutEngine):
     def from_config(cls, cfg, model_path: str, log_dir: str | None = None,
                     device: str = "auto", extra_args: Sequence[str] = ()) -> "SGLangEngine":
         """From a RolloutConfig (mopd_megatron.config): external URLs or launched servers."""
-        common = dict(concurrency=cfg.concurrency, request_timeout_s=cfg.request_timeout_s)
+        common = dict(concurrency=cfg.concurrency, request_timeout_s=cfg.request_timeout_s,
+                      samples_per_request=cfg.samples_per_request)
         if cfg.mode == "external":
             return cls.connect(cfg.external_urls, **common)
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
         specs = server_specs_from_config(cfg, model_path, log_dir, device, extra_args)
         return cls.launch(specs, cfg.router_port if cfg.router else None,
                           cfg.startup_timeout_s, log_dir, **common)
@@ -108,19 +125,37 @@ class SGLangEngine(RolloutEngine):
             raise ValueError(f"generate: n must be >= 1, got {n}")
         self._abort.clear()
         batch = uuid.uuid4().hex[:12]
-        futures = [self._pool.submit(self._generate_one, list(p), pi, si, sampling,
-                                     f"{batch}-{pi}-{si}")
-                   for pi, p in enumerate(prompts_token_ids) for si in range(n)]
-        return [f.result() for f in futures]
+        items = [(list(p), pi, si, f"{batch}-{pi}-{si}")
+                 for pi, p in enumerate(prompts_token_ids) for si in range(n)]
+        k = self.samples_per_request
+        if k == 1:
+            futures = [self._pool.submit(self._generate_one, *it, sampling) for it in items]
+            return [f.result() for f in futures]
+        futures = [self._pool.submit(self._generate_batch, items[i:i + k], sampling)
+                   for i in range(0, len(items), k)]
+        return [s for f in futures for s in f.result()]
 
-    def _generate_one(self, prompt: list[int], pi: int, si: int, sampling: SamplingParams,
-                      rid: str) -> Sample:
+    def _generate_one(self, prompt: list[int], pi: int, si: int, rid: str,
+                      sampling: SamplingParams) -> Sample:
         body = {"input_ids": prompt, "sampling_params": sampling.to_sglang(),
                 "return_logprob": True}
         if self._abort.is_set():
             return Sample(pi, si, prompt, [], [], "abort", self.version)
         out, retries = self.call("/generate", body, rid)
         return _parse_sample(out, pi, si, prompt, retries)
+
+    def _generate_batch(self, items: list[tuple[list[int], int, int, str]],
+                        sampling: SamplingParams) -> list[Sample]:
+        if self._abort.is_set():
+            return [Sample(pi, si, p, [], [], "abort", self.version) for p, pi, si, _ in items]
+        body = {"input_ids": [p for p, *_ in items], "sampling_params": sampling.to_sglang(),
+                "return_logprob": True}
+        out, retries = self.call("/generate", body, [rid for *_, rid in items])
+        if not isinstance(out, list) or len(out) != len(items):
+            raise RolloutError(f"/generate: a batch of {len(items)} samples got "
+                               f"{len(out) if isinstance(out, list) else type(out).__name__} "
+                               "answers")
+        return [_parse_sample(o, pi, si, p, retries) for o, (p, pi, si, _) in zip(out, items)]
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """log p(x_t | x_<t) for t = 1..L-1 of each sequence (prompt log-probs, no sampling).
@@ -140,23 +175,28 @@ class SGLangEngine(RolloutEngine):
         futures = [self._pool.submit(one, s, i) for i, s in enumerate(sequences)]
         return [f.result() for f in futures]
 
-    def call(self, path: str, body: dict, rid: str) -> tuple[dict, int]:
-        """POST body (with rid) to a server, recovering from dead servers; (answer, retries)."""
+    def call(self, path: str, body: dict, rid: str | list[str]) -> tuple[dict | list, int]:
+        """POST body (with rid, or one rid per sample of a batched body) to a server,
+        recovering from dead servers; (answer, retries)."""
+        name = rid if isinstance(rid, str) else f"{rid[0]}..({len(rid)} samples)"
         for attempt in range(self.max_retries + 1):
             idx = next(self._rr) % len(self.clients)
             client = self.router_client or self.clients[idx]
             epoch = self._epochs[idx]
             try:
-                sent_rid = rid if attempt == 0 else f"{rid}-r{attempt}"  # rids must be unique
+                # rids must be unique across resubmissions
+                sent_rid = rid if attempt == 0 else (
+                    f"{rid}-r{attempt}" if isinstance(rid, str)
+                    else [f"{r}-r{attempt}" for r in rid])
                 return client.post(path, {**body, "rid": sent_rid}), attempt
             except ServerUnreachable as exc:
                 if self._abort.is_set():
-                    raise RolloutError(f"{path} {rid}: aborted while unreachable") from exc
-                log.warning("request %s got no answer from %s: %s", rid, client.url, exc)
+                    raise RolloutError(f"{path} {name}: aborted while unreachable") from exc
+                log.warning("request %s got no answer from %s: %s", name, client.url, exc)
                 targets = range(len(self.clients)) if self.router_client else [idx]
                 for i in targets:
                     self._recover(i, self._epochs[i] if self.router_client else epoch)
-        raise RolloutError(f"{path} {rid}: no answer after {self.max_retries} resubmissions")
+        raise RolloutError(f"{path} {name}: no answer after {self.max_retries} resubmissions")
 
     def _recover(self, idx: int, seen_epoch: int) -> None:
         """Make server idx usable again; one restart however many requests hit the failure."""
@@ -267,7 +307,9 @@ def server_specs_from_config(cfg, model_path: str, log_dir: str | None = None,
         raise ValueError("rollout.mode=external launches no servers (it uses external_urls)")
     return [ServerSpec(model_path=model_path, port=cfg.base_port + i, host=cfg.host,
                        tp_size=cfg.server_tp_size, mem_fraction_static=cfg.mem_fraction_static,
-                       device=device, colocated=cfg.mode == "colocated",
+                       max_total_tokens=cfg.max_total_tokens,
+                       cpu_threads=cfg.server_cpu_threads, device=device,
+                       colocated=cfg.mode == "colocated",
                        extra_args=tuple(extra_args),
                        log_path=os.path.join(log_dir, f"sglang_{i}.log") if log_dir else None)
             for i in range(cfg.num_engines)]
