@@ -39,13 +39,15 @@ class Trainer:
         self.inputs = builders.preflight(cfg, launch_env().world_size)        # 1. every check
         self.layout = init_runtime(par.tp, par.pp, par.vpp, cfg.train.seed)  # 2. groups, seeds
         self.device = device()
+        if self.device.type == "cpu" and cfg.train.cpu_threads is not None:
+            torch.set_num_threads(cfg.train.cpu_threads)
         self.chunks, self.optimizer, self.scheduler = builders.build_student(cfg, self.inputs.hf)  # 3.
         self.teachers = TeacherPool.build(                                    # 4. frozen teachers
             cfg.teachers, lambda hf_dir: builders.build_chunks(hf_dir, cfg),
             lambda chunks, t, i: builders.load_weights(chunks, t.checkpoint, t.format, None))
         self.sampler = DomainSampler(self.inputs.dataset, cfg.data.domain_weights, cfg.data.seed)  # 5.
         self.engine = engine if engine is not None else builders.build_engine(  # 6. rollout
-            cfg, self.chunks, self.inputs, log_dir=None)
+            cfg, self.chunks, self.inputs, log_dir=cfg.rollout.server_log_dir)
         self.eval_rows = load_eval_rows(cfg, self.inputs.tokenizer)          # 7. held-out prompts
         self.start_step = self._resume()                                     # 8. resume
         self.logger = MetricLogger.from_config(                              # 9. metric sinks
@@ -98,8 +100,8 @@ class Trainer:
         if not self.cfg.train.async_rollout:
             return self._generate(rows)
         # One-step-off: train on the batch generated while the previous step trained, and
-        # start the next one now (it samples with the weights of the last sync; requests in
-        # flight during a sync are paused and finish on the new weights).
+        # start the next one now. It samples with the weights of the last sync only:
+        # sync_weights waits for it, so no batch mixes two weight versions.
         if self._pending is None:
             self._pending = self._pool.submit(self._generate, rows)
             rows = self.sampler.next_batch(self.cfg.train.prompts_per_step)
@@ -155,6 +157,8 @@ class Trainer:
         if not getattr(self.engine, "needs_weight_sync", True):
             return None
         from .trainer.sync import push_weights
+        if self._pending is not None:
+            self._pending.exception()  # one-step-off: the batch in flight finishes on its weights
         # The parity probe is a fixed sequence (the first prompt of the data): deterministic
         # across steps and resumes, and free of ids the engine may treat specially (sampled
         # responses can hold tokens such as the last vocabulary id, which SGLang 0.5.23 on CPU

@@ -107,3 +107,16 @@ def test_dry_run_prints_plan_and_writes_nothing(tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 steps x 4 prompts x 4 samples = 16 sequences per rollout" in out
     assert_nothing_written(tmp_path / "run")
+
+
+def test_sglang_engine_without_sglang_says_how_to_install(tiny, tmp_path, capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sglang" else real(name, *a))
+    extra = ["rollout.engine=sglang", f"model.checkpoint={tiny}/student/hf",
+             "model.checkpoint_format=hf"]
+    code, err = run_cli(recipe_overrides(tiny, tmp_path / "run", extra=extra), capsys)
+    assert code == 2 and "rollout.engine='sglang': SGLang is not installed" in err
+    assert "tests/harness/sglang_cpu/setup.sh" in err and "rollout.engine=local" in err
+    assert_nothing_written(tmp_path / "run")

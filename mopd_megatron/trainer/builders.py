@@ -5,6 +5,7 @@ checkpoint paths, teacher vocabularies) before any model is built or any file is
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,12 @@ def preflight(cfg: MOPDConfig, world_size: int) -> Inputs:
     if cfg.rollout.engine == "local" and cfg.parallel.pp > 1:
         raise ConfigError("rollout.engine", "local", "in-trainer sampling needs parallel.pp=1; "
                           "use rollout.engine=sglang with pipeline parallelism")
+    if (cfg.rollout.engine == "sglang" and cfg.rollout.mode != "external"
+            and importlib.util.find_spec("sglang") is None):
+        raise ConfigError("rollout.engine", "sglang", "SGLang is not installed, so no server can "
+                          "be launched: pip install sglang on GPU machines, "
+                          "bash tests/harness/sglang_cpu/setup.sh on CPU (tools/setup_env.sh "
+                          "does it), or --set rollout.engine=local to sample in the trainer")
     if cfg.train.async_rollout and cfg.rollout.engine == "local":
         raise ConfigError("train.async_rollout", True, "one-step-off rollout needs server engines "
                           "(rollout.engine=sglang); the local engine samples with the live weights")
