@@ -3,9 +3,8 @@
 
     mopd       A = sg[log pi_dom - log pi_theta] + alpha * A_ORM   (the recipe as is)
     orm_only   A = alpha * A_ORM  (GRPO; the teacher term is removed by scoring each response
-               with the student's own sampling log-probs: log pi_dom := log mu, so the teacher
-               term is log mu - log pi_theta, which is 0 up to float noise for the on-policy
-               local engine)
+               with the student itself, in the same forward: log pi_dom := log pi_theta, so the
+               teacher term is 0 whatever the rollout engine, synchronous or one step off)
     no_orm     A = sg[log pi_dom - log pi_theta]   (reward.alpha = 0)
 
 Each variant runs in its own process (Megatron state is per process) and reports greedy
@@ -31,15 +30,20 @@ VARIANTS = {"mopd": [], "orm_only": [], "no_orm": ["reward.alpha=0.0"]}
 CHILD = r'''
 import json, sys
 from mopd_megatron.config import load_recipe
+from mopd_megatron.ops import score_logprobs
 from mopd_megatron.train import Trainer
 
 class OrmOnlyTrainer(Trainer):
-    def teacher_scores(self, batch):
-        steps, kl = super().teacher_scores(batch)
-        for mbs in steps:
-            for mb in mbs:
-                mb["teacher_logp"].copy_(mb["rollout_logp"])   # teacher term -> ~0
-        return steps, kl
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        inner, temperature, tp = self.loss_fn, cfg.rollout.temperature, self._tp_group()
+
+        def loss_fn(batch, logits):  # the teacher is the student at this very forward
+            flat = logits.detach().reshape(-1, logits.shape[-1]) / temperature
+            own = score_logprobs(flat, batch["targets"].reshape(-1).clamp(min=0), tp)
+            return inner(dict(batch, teacher_logp=own.reshape(batch["teacher_logp"].shape)),
+                         logits)
+        self.loss_fn = loss_fn
 
 def main():
     variant, recipe, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
@@ -73,6 +77,11 @@ def run_variant(name: str, recipe: str, overrides: list[str], tmp: Path) -> tupl
     if p.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{p.stderr[-3000:]}")
     line = next(x for x in p.stdout.splitlines() if x.startswith("REPORT "))
+    if name == "orm_only":  # the baseline must really have no teacher term
+        steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        worst = max(abs(m["adv/teacher_term_mean"]) + m["adv/teacher_term_std"] for m in steps)
+        if worst > 1e-4:
+            raise RuntimeError(f"orm_only: teacher term reached {worst:.2e} (expected 0)")
     return json.loads(line[len("REPORT "):]), time.time() - t0
 
 
@@ -127,8 +136,10 @@ def main(argv=None) -> None:
         for name in args.variants.split(","):
             results[name] = run_variant(name, args.recipe, list(args.overrides), Path(d))
             print(name, results[name][0]["after"], f"{results[name][1]:.0f}s", flush=True)
+    engine = cfg.rollout.engine + (", one step off" if cfg.train.async_rollout else "")
     cfg_line = (f"{cfg.train.steps} steps x {cfg.rollout_batch_size} samples, lr {cfg.optimizer.lr}, "
-                f"alpha {cfg.reward.alpha}; greedy accuracy (%) on held-out prompts; "
+                f"alpha {cfg.reward.alpha}, rollout engine {engine}; greedy accuracy (%) on "
+                "held-out prompts; "
                 f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                 f"OMP_NUM_THREADS=1, {time.strftime('%Y-%m-%d')}")
     text = table(results, cfg_line)

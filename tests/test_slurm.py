@@ -37,9 +37,13 @@ def _tiny_two_rank_overrides() -> list[str]:
     batch (one rank); halve it when the batch does not split over DP=2."""
     from mopd_megatron.config import load_recipe
     par = load_recipe(REPO / "recipes" / "tiny_cpu.yaml").parallel
+    # The in-process engine: these tests are about the launcher, and the Slurm launcher gives
+    # the recipe's dedicated SGLang engines nodes of their own (GPU nodes only).
+    local = ["rollout.engine=local", "rollout.mode=colocated", "train.async_rollout=false",
+             "model.checkpoint=.cache/tiny_cpu/student/mcore", "model.checkpoint_format=megatron"]
     if par.global_batch_size % (par.micro_batch_size * 2):
-        return [f"parallel.micro_batch_size={par.global_batch_size // 2}"]
-    return []
+        return local + [f"parallel.micro_batch_size={par.global_batch_size // 2}"]
+    return local
 
 
 def _dry_run(**extra) -> subprocess.CompletedProcess:

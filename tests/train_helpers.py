@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = str(ROOT / "recipes" / "tiny_cpu.yaml")
 TINY_FLAGS = ["--teacher-steps", "20", "--student-steps", "10", "--hidden", "32", "--ffn", "64",
               "--layers", "2", "--batch", "16", "--seed", "0", "--train-prompts", "400",
-              # vocab 24 + 110 = 134 > 128: at TP=2 both vocab shards hold real tokens (an
-              # all-padding shard makes ops' log-softmax NaN: reported to the ops owner)
+              # vocab 24 + 110 = 134 > 128: at TP=2 both vocab shards hold real tokens, the
+              # layout the golden losses (tests/assets) were recorded with
               "--unused-tokens", "110"]
 
 
@@ -30,8 +30,14 @@ def tiny_inputs(out: Path) -> Path:
     return out
 
 
+# The loop-mechanics tests sample in-process (rollout.engine=local: no server start-up, any
+# layout); tests/test_train_sglang.py puts the recipe's SGLang engine back.
+LOCAL_ENGINE = ["rollout.engine=local", "rollout.mode=colocated", "train.async_rollout=false"]
+
+
 def recipe_overrides(d: Path, run: Path, steps: int = 3, extra: list[str] = ()) -> list[str]:
-    return [f"model.hf_config={d}/student/hf", f"model.checkpoint={d}/student/mcore",
+    return [*LOCAL_ENGINE, f"model.hf_config={d}/student/hf", f"model.checkpoint={d}/student/mcore",
+            "model.checkpoint_format=megatron",
             f"teachers[0].checkpoint={d}/teacher_caesar/mcore",
             f"teachers[0].hf_config={d}/teacher_caesar/hf",
             f"teachers[1].checkpoint={d}/teacher_reversal/mcore",
