@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from train_helpers import LOCAL_ENGINE
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "mopd_70b.sh"
 HARNESS = REPO / "tests" / "harness" / "slurm_local"
@@ -39,11 +41,9 @@ def _tiny_two_rank_overrides() -> list[str]:
     par = load_recipe(REPO / "recipes" / "tiny_cpu.yaml").parallel
     # The in-process engine: these tests are about the launcher, and the Slurm launcher gives
     # the recipe's dedicated SGLang engines nodes of their own (GPU nodes only).
-    local = ["rollout.engine=local", "rollout.mode=colocated", "train.async_rollout=false",
-             "model.checkpoint=.cache/tiny_cpu/student/mcore", "model.checkpoint_format=megatron"]
     if par.global_batch_size % (par.micro_batch_size * 2):
-        return local + [f"parallel.micro_batch_size={par.global_batch_size // 2}"]
-    return local
+        return LOCAL_ENGINE + [f"parallel.micro_batch_size={par.global_batch_size // 2}"]
+    return list(LOCAL_ENGINE)
 
 
 def _dry_run(**extra) -> subprocess.CompletedProcess:

@@ -8,11 +8,10 @@ failure) and every unfinished request is resubmitted. Requests that the server a
 an error are not retried: that is a bug or bad input, not a crash.
 
 Samples go one per request by default; with samples_per_request = k > 1 they go in batched
-requests of up to k samples (SGLang's list form of /generate, one rid per sample; not behind sglang-router, which
-takes one rid per request), which is
-what a small model on CPU needs: there the HTTP and tokenizer-manager overhead per request
-costs more than the forward. A batched request fails or succeeds as a whole and is resubmitted
-as a whole.
+requests of up to k samples (SGLang's list form of /generate, one rid per sample; not behind
+sglang-router, which takes one rid per request). That is what a small model on CPU needs: there
+the HTTP and tokenizer-manager overhead per request costs more than the forward. A batched
+request fails or succeeds as a whole and is resubmitted as a whole.
 """
 from __future__ import annotations
 
@@ -128,29 +127,21 @@ class SGLangEngine(RolloutEngine):
         items = [(list(p), pi, si, f"{batch}-{pi}-{si}")
                  for pi, p in enumerate(prompts_token_ids) for si in range(n)]
         k = self.samples_per_request
-        if k == 1:
-            futures = [self._pool.submit(self._generate_one, *it, sampling) for it in items]
-            return [f.result() for f in futures]
-        futures = [self._pool.submit(self._generate_batch, items[i:i + k], sampling)
+        futures = [self._pool.submit(self._generate_chunk, items[i:i + k], sampling)
                    for i in range(0, len(items), k)]
         return [s for f in futures for s in f.result()]
 
-    def _generate_one(self, prompt: list[int], pi: int, si: int, rid: str,
-                      sampling: SamplingParams) -> Sample:
-        body = {"input_ids": prompt, "sampling_params": sampling.to_sglang(),
-                "return_logprob": True}
-        if self._abort.is_set():
-            return Sample(pi, si, prompt, [], [], "abort", self.version)
-        out, retries = self.call("/generate", body, rid)
-        return _parse_sample(out, pi, si, prompt, retries)
-
-    def _generate_batch(self, items: list[tuple[list[int], int, int, str]],
+    def _generate_chunk(self, items: list[tuple[list[int], int, int, str]],
                         sampling: SamplingParams) -> list[Sample]:
+        """One request for these samples: the plain form for one, the list form for several."""
         if self._abort.is_set():
             return [Sample(pi, si, p, [], [], "abort", self.version) for p, pi, si, _ in items]
-        body = {"input_ids": [p for p, *_ in items], "sampling_params": sampling.to_sglang(),
-                "return_logprob": True}
-        out, retries = self.call("/generate", body, [rid for *_, rid in items])
+        prompts, rids = [p for p, *_ in items], [rid for *_, rid in items]
+        single = len(items) == 1
+        body = {"input_ids": prompts[0] if single else prompts,
+                "sampling_params": sampling.to_sglang(), "return_logprob": True}
+        out, retries = self.call("/generate", body, rids[0] if single else rids)
+        out = [out] if single else out
         if not isinstance(out, list) or len(out) != len(items):
             raise RolloutError(f"/generate: a batch of {len(items)} samples got "
                                f"{len(out) if isinstance(out, list) else type(out).__name__} "
