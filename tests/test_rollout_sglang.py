@@ -266,6 +266,31 @@ def test_served_teacher_scores_responses(engine, models):
         assert torch.allclose(torch.tensor(g, dtype=torch.float64), ref, atol=LOGPROB_ATOL, rtol=0)
 
 
+def test_tensor_sync_reaches_every_server(engine, fleet, models):
+    """rollout.num_engines > 1 without a router: one push reaches both servers, and batched
+    requests spread over them. (The serialized bucket only names shared storage; freed after
+    the first server's load, the second server could not open it.)"""
+    second = fleet["second"]
+    second.wait_ready()
+    probe = [probe_tokens(512, 24, seed=11)]
+    ref_b = [ref_logprobs(models["hf_b"], p).tolist() for p in probe]
+    both = SGLangEngine([engine.clients[0].url, second.url], concurrency=4,
+                        request_timeout_s=120, samples_per_request=2)
+    try:
+        stats = both.update_weights(iter(state_buckets(models["b"])), version="both")
+        assert stats.buckets >= 3
+        for url in (engine.clients[0].url, second.url):
+            one = SGLangEngine.connect([url], concurrency=2, request_timeout_s=120)
+            check_parity(one, probe, ref_b, PARITY_TOL)
+            one._pool.shutdown()
+        samples = both.generate(PROMPTS, 2, SamplingParams(max_new_tokens=6, ignore_eos=True))
+        assert len(samples) == 6 and {s.weight_version for s in samples} == {"both"}
+        assert_matches_reference(samples, models["hf_b"])
+    finally:
+        both.update_weights(iter(state_buckets(models["a"])), version="v2")  # what follows expects a
+        both._pool.shutdown()
+
+
 def test_router_with_two_servers(engine, fleet, models):
     import psutil
     second = fleet["second"]

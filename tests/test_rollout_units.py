@@ -231,7 +231,8 @@ def test_serialize_bucket_round_trip_mixed_dtypes():
     bucket = [("a.weight", torch.randn(3, 5, generator=g)),
               ("b.bias", torch.randn(7, generator=g).to(torch.bfloat16)),
               ("c.weight", torch.randn(4, 2, generator=g).t())]   # non-contiguous
-    payload = MultiprocessingSerializer.deserialize(serialize_bucket(bucket))
+    blob, _shared = serialize_bucket(bucket)   # held: the blob only names its storage
+    payload = MultiprocessingSerializer.deserialize(blob)
     got = FlattenedTensorBucket(flattened_tensor=payload["flattened_tensor"],
                                 metadata=payload["metadata"]).reconstruct_tensors()
     got = dict(got)

@@ -47,8 +47,14 @@ def use_file_system_sharing() -> None:
         tmp.set_sharing_strategy("file_system")
 
 
-def serialize_bucket(bucket: NamedTensorBucket) -> str:
-    """One bucket -> the base64 string SGLang's load_format="flattened_bucket" expects."""
+def serialize_bucket(bucket: NamedTensorBucket) -> tuple[str, torch.Tensor]:
+    """One bucket -> (the base64 string SGLang's load_format="flattened_bucket" expects, the
+    flattened tensor it points to).
+
+    The string names shared storage (a shared-memory file on CPU, a CUDA IPC handle on GPU),
+    not the bytes: keep the tensor referenced until every server has loaded the string. Freed
+    after the first server's load, the second server failed to open it ("unable to open shared
+    memory object", two CPU servers)."""
     from sglang.srt.utils import MultiprocessingSerializer
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
 
@@ -63,8 +69,9 @@ def serialize_bucket(bucket: NamedTensorBucket) -> str:
     # loads by name, so the order is free.
     ordered = sorted(bucket, key=lambda nt: -nt[1].element_size())
     flat = FlattenedTensorBucket(named_tensors=[(n, t.detach().contiguous()) for n, t in ordered])
-    payload = {"flattened_tensor": flat.get_flattened_tensor(), "metadata": flat.get_metadata()}
-    return MultiprocessingSerializer.serialize(payload, output_str=True)
+    tensor = flat.get_flattened_tensor()
+    payload = {"flattened_tensor": tensor, "metadata": flat.get_metadata()}
+    return MultiprocessingSerializer.serialize(payload, output_str=True), tensor
 
 
 @contextlib.contextmanager
@@ -97,7 +104,7 @@ def push_tensor_buckets(clients: Sequence[ServerClient], tp_sizes: Sequence[int]
     try:
         with weight_update_session(clients, api):
             for bucket in buckets:
-                blob = serialize_bucket(bucket)
+                blob, shared = serialize_bucket(bucket)
                 for c, tp in zip(clients, tp_sizes):
                     c.post_ok("/update_weights_from_tensor", {
                         "serialized_named_tensors": [blob] * tp,
@@ -108,7 +115,7 @@ def push_tensor_buckets(clients: Sequence[ServerClient], tp_sizes: Sequence[int]
                 stats.buckets += 1
                 stats.tensors += len(bucket)
                 stats.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-                del blob  # the servers copied out of the shared storage; free it now
+                del blob, shared  # every server copied out of the shared storage: free it
     finally:
         for c in clients:
             c.post("/continue_generation", {})
