@@ -151,7 +151,8 @@ class Trainer:
     def student_update(self, steps: list[list[dict]]) -> list:
         from .training.step import train_step
         return [train_step(self.chunks, self.optimizer, self.scheduler, mbs, self.loss_fn,
-                           vocab_size=self.inputs.hf.vocab_size) for mbs in steps]
+                           vocab_size=self.inputs.hf.vocab_size)
+                for _ in range(self.cfg.optimizer.epochs_per_rollout) for mbs in steps]
 
     def sync_weights(self, step: int) -> float | None:
         if not getattr(self.engine, "needs_weight_sync", True):

@@ -151,6 +151,7 @@ def test_overrides_are_yaml_typed(tmp_path):
     ("train.steps", "must look like section.field=value"),
     ("train.steps=0", "train.steps=0: must be >= 1"),
     ("data.seed=-1", "data.seed=-1: must be >= 0"),
+    ("optimizer.epochs_per_rollout=0", "optimizer.epochs_per_rollout=0: must be >= 1"),
     ("rollout.top_p=[1", "value is not valid YAML"),
 ])
 def test_bad_overrides_name_the_override(tmp_path, override, needle):

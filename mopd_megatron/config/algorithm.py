@@ -129,6 +129,11 @@ class OptimizerConfig:
     steps_per_rollout: int = doc(
         1, "Optimizer steps per rollout batch; the rollout batch (train.prompts_per_step x "
            "rollout.n_samples_per_prompt) is split into this many global batches.")
+    epochs_per_rollout: int = doc(
+        1, "Passes over each rollout batch (steps_per_rollout optimizer steps each). Passes after "
+           "the first are off-policy: the teacher scores are reused, log pi_theta and w = "
+           "pi_theta/mu are recomputed, and the IS mask drops tokens the student has moved "
+           "away from.")
     distributed_optimizer: bool = doc(True, "Shard optimizer state over data-parallel ranks.")
 
     def __post_init__(self):
@@ -140,3 +145,4 @@ class OptimizerConfig:
         check(self.clip_grad >= 0, self, "clip_grad", "must be >= 0 (0 disables clipping)")
         check(self.warmup_steps >= 0, self, "warmup_steps", "must be >= 0")
         check(self.steps_per_rollout >= 1, self, "steps_per_rollout", "must be >= 1")
+        check(self.epochs_per_rollout >= 1, self, "epochs_per_rollout", "must be >= 1")

@@ -15,7 +15,8 @@ class TrainConfig:
 
     SECTION: ClassVar[str] = "train"
 
-    steps: int = doc(100, "Rollout steps to run (each followed by optimizer.steps_per_rollout updates).")
+    steps: int = doc(100, "Rollout steps to run (each followed by optimizer.steps_per_rollout x "
+                          "optimizer.epochs_per_rollout updates).")
     prompts_per_step: int = doc(8, "Prompts per rollout batch.")
     seed: int = doc(1234, "Seed of model init, dropout and sampling.")
     async_rollout: bool = doc(
