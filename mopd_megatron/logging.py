@@ -49,7 +49,7 @@ class ConsoleSink(MetricSink):
     metric in sorted order. Everything else goes only to the file sinks.
     """
 
-    DEFAULT_KEYS = ("loss", "reward/*", "acc/*", "kl/*", "is/w_mean", "is/masked_frac",
+    DEFAULT_KEYS = ("loss", "reward/*", "acc/*", "eval/*", "kl/*", "is/w_mean", "is/masked_frac",
                     "response_len/mean", "tokens_per_s", "time/step")
 
     def __init__(self, total_steps: int, keys: Iterable[str] = DEFAULT_KEYS,

@@ -86,7 +86,8 @@ class Trainer:
             results = self.student_update(mbs)            # fused MOPD loss, optimizer step(s)
         with self.phase("sync", step):
             parity = self.sync_weights(step)              # new weights -> rollout engine
-        metrics = self.metrics(batch, results, kl, parity, time.perf_counter() - t0)
+        held_out = self.periodic_eval(step)               # train.eval_interval
+        metrics = self.metrics(batch, results, kl, parity, time.perf_counter() - t0) | held_out
         self.losses.append(metrics["loss"])
         self.logger.log(step, metrics)
         if self.should_save(step):
@@ -198,6 +199,14 @@ class Trainer:
                 m[f"reward/{d}"] = sum(rs) / len(rs)
                 m[f"acc/{d}"] = sum(r >= 1.0 for r in rs) / len(rs)
         return m
+
+    def periodic_eval(self, step: int) -> dict:
+        every = self.cfg.train.eval_interval
+        if not every or step % every:
+            return {}
+        with self.phase("eval", step):
+            acc = self.evaluate(teachers=False).get("student", {})
+        return {f"eval/{d}": v for d, v in acc.items()}
 
     def should_save(self, step: int) -> bool:
         c = self.cfg.checkpoint

@@ -152,6 +152,7 @@ def test_overrides_are_yaml_typed(tmp_path):
     ("train.steps=0", "train.steps=0: must be >= 1"),
     ("data.seed=-1", "data.seed=-1: must be >= 0"),
     ("optimizer.epochs_per_rollout=0", "optimizer.epochs_per_rollout=0: must be >= 1"),
+    ("train.eval_interval=-1", "train.eval_interval=-1: must be >= 0"),
     ("rollout.top_p=[1", "value is not valid YAML"),
 ])
 def test_bad_overrides_name_the_override(tmp_path, override, needle):
@@ -178,6 +179,8 @@ def cfg_with(tmp_path, *overrides) -> MOPDConfig:
      "needs >= 2 samples"),
     (["train.async_rollout=true"], "train.async_rollout", "rollout.mode to dedicated or external"),
     (["model.fp8.enabled=true"], "model.fp8.enabled", "needs Transformer Engine"),
+    (["train.eval_interval=10", "data.eval_paths=[]"], "train.eval_interval",
+     "periodic eval needs held-out prompts: set data.eval_paths"),
 ])
 def test_cross_section_checks(tmp_path, overrides, path, needle):
     cfg = cfg_with(tmp_path, *overrides)

@@ -75,6 +75,9 @@ class MOPDConfig:
         if self.train.async_rollout and self.rollout.mode == "colocated":
             raise ConfigError("train.async_rollout", True, "one-step-off rollout needs engines on "
                               "their own devices: set rollout.mode to dedicated or external")
+        if self.train.eval_interval and not self.data.eval_paths:
+            raise ConfigError("train.eval_interval", self.train.eval_interval,
+                              "periodic eval needs held-out prompts: set data.eval_paths")
         if check_imports and self.model.fp8.enabled and importlib.util.find_spec("transformer_engine") is None:
             raise ConfigError("model.fp8.enabled", True, "FP8 needs Transformer Engine, which is "
                               "not installed (pip install transformer-engine[pytorch])")

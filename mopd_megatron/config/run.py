@@ -22,6 +22,9 @@ class TrainConfig:
     async_rollout: bool = doc(
         False, "One-step-off asynchronous rollout: generate batch k+1 with weights of step k "
                "while training on batch k (needs dedicated or external engines).")
+    eval_interval: int = doc(
+        0, "Greedy held-out accuracy of the student (data.eval_paths) every this many steps, "
+           "logged as eval/<domain>; 0: only before and after the run.")
     cpu_threads: int | None = doc(
         None, "CPU runs only: torch threads of each trainer process; null: torch's default (all "
               "cores). With SGLang servers on the same few cores, 1 each avoids oversubscription.")
@@ -31,6 +34,7 @@ class TrainConfig:
         check(self.cpu_threads is None or self.cpu_threads >= 1, self, "cpu_threads",
               "must be >= 1 or null")
         check(self.prompts_per_step >= 1, self, "prompts_per_step", "must be >= 1")
+        check(self.eval_interval >= 0, self, "eval_interval", "must be >= 0 (0: no periodic eval)")
         check(self.seed >= 0, self, "seed", "must be >= 0")
 
 
