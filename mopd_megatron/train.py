@@ -49,6 +49,9 @@ class Trainer:
         self.engine = engine if engine is not None else builders.build_engine(  # 6. rollout
             cfg, self.chunks, self.inputs, log_dir=cfg.rollout.server_log_dir)
         self.eval_rows = load_eval_rows(cfg, self.inputs.tokenizer)          # 7. held-out prompts
+        self.losses: list[float] = []
+        self._pending = None  # one-step-off rollout in flight (train.async_rollout)
+        self._probed = False  # parity checked since start or resume (rollout.parity_interval)
         self.start_step = self._resume()                                     # 8. resume
         self.logger = MetricLogger.from_config(                              # 9. metric sinks
             cfg.logging, total_steps=cfg.train.steps, enabled=dist.get_rank() == 0,
@@ -59,8 +62,6 @@ class Trainer:
         self.sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                        top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
                                        stop_token_ids=(self.inputs.eos_id,))
-        self.losses: list[float] = []
-        self._pending = None  # one-step-off rollout in flight (train.async_rollout)
         from concurrent.futures import ThreadPoolExecutor
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="rollout")
 
@@ -166,7 +167,9 @@ class Trainer:
         # responses can hold tokens such as the last vocabulary id, which SGLang 0.5.23 on CPU
         # reports back as 0).
         probe = next(iter(self.inputs.dataset.rows_by_domain.values()))[0].prompt_ids
-        return push_weights(self, step, probe)
+        check = not self._probed or step % self.cfg.rollout.parity_interval == 0
+        self._probed = True
+        return push_weights(self, step, probe if check else None)
 
     # --- metrics, checkpoints, eval ------------------------------------------------------
     def metrics(self, batch: RolloutBatch, results, kl, parity, seconds: float) -> dict:

@@ -153,6 +153,7 @@ def test_overrides_are_yaml_typed(tmp_path):
     ("data.seed=-1", "data.seed=-1: must be >= 0"),
     ("optimizer.epochs_per_rollout=0", "optimizer.epochs_per_rollout=0: must be >= 1"),
     ("train.eval_interval=-1", "train.eval_interval=-1: must be >= 0"),
+    ("rollout.parity_interval=0", "rollout.parity_interval=0: must be >= 1"),
     ("rollout.top_p=[1", "value is not valid YAML"),
 ])
 def test_bad_overrides_name_the_override(tmp_path, override, needle):

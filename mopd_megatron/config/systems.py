@@ -55,8 +55,12 @@ class RolloutConfig:
     router: bool = doc(False, "Put sglang-router in front of the engines.")
     router_port: int = doc(30100, "Port of the router when rollout.router is true.")
     parity_tolerance: float = doc(
-        0.05, "Start-up probe: max allowed mean |log mu - log pi_theta| per token (nats) on a "
-              "probe batch; larger means the engine and trainer disagree (weights, dtype, template).")
+        0.05, "Parity probe after a weight sync: max allowed mean |log mu - log pi_theta| per "
+              "token (nats) on a probe sequence; larger means the engine and trainer disagree "
+              "(weights, dtype, template) and stops the run.")
+    parity_interval: int = doc(
+        1, "Run the parity probe after every this many weight syncs, and always after the "
+           "first sync of a run or resume (each probe: one trainer forward, one engine request).")
     weight_sync_bucket_mib: int = doc(512, "Size of a weight-sync bucket in MiB.")
 
     def __post_init__(self):
@@ -88,6 +92,7 @@ class RolloutConfig:
         check(1 <= self.base_port <= 65535, self, "base_port", "must be a TCP port")
         check(1 <= self.router_port <= 65535, self, "router_port", "must be a TCP port")
         check(self.parity_tolerance > 0, self, "parity_tolerance", "must be > 0")
+        check(self.parity_interval >= 1, self, "parity_interval", "must be >= 1")
         check(self.weight_sync_bucket_mib >= 1, self, "weight_sync_bucket_mib", "must be >= 1")
 
 

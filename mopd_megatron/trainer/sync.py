@@ -35,9 +35,9 @@ def trainer_probe_logprobs(trainer, tokens: list[int]) -> list[float]:
     return vals.tolist()
 
 
-def push_weights(trainer, step: int, probe: list[int]) -> float:
+def push_weights(trainer, step: int, probe: list[int] | None) -> float | None:
     """``probe``: a fixed real token sequence (a prompt of the data), the same on every rank;
-    random ids could include special tokens a server treats differently."""
+    random ids could include special tokens a server treats differently. None: push only."""
     from ..rollout import check_parity
     try:
         from ..convert import export_hf_weights
@@ -51,6 +51,8 @@ def push_weights(trainer, step: int, probe: list[int]) -> float:
     else:
         for _ in buckets:  # take part in the export's collectives
             pass
+    if probe is None:
+        return None
     ours = trainer_probe_logprobs(trainer, probe)
     result = [None]
     if rank0:
