@@ -21,7 +21,8 @@ def train_with_sglang(rank, world, tiny, run, port, async_rollout, steps=3, expo
     from mopd_megatron.config import load_recipe
     from mopd_megatron.train import Trainer
     extra = ["rollout.engine=sglang", f"rollout.base_port={port}", f"checkpoint.hf_export_dir={run}/{export}",
-             f"model.checkpoint={tiny}/student/hf", "model.checkpoint_format=hf"]
+             f"model.checkpoint={tiny}/student/hf", "model.checkpoint_format=hf",
+             "rollout.parity_interval=1"]
     if async_rollout:  # one-step-off needs engines on their own devices (here: own processes)
         # A large learning rate makes each update move the policy measurably, so stale samples
         # show a train-vs-rollout gap (its expectation is -KL(mu || pi_theta)) well above noise.
