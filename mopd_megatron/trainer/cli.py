@@ -39,7 +39,8 @@ def plan(cfg, world_size: int) -> str:
         f"world size {world_size}: tp {p.tp} x pp {p.pp} x dp {dp}" + (f" (vpp {p.vpp})" if p.vpp else ""),
         f"{cfg.train.steps} steps x {cfg.train.prompts_per_step} prompts x "
         f"{cfg.rollout.n_samples_per_prompt} samples = {cfg.rollout_batch_size} sequences per rollout",
-        f"{o.steps_per_rollout} optimizer step(s) per rollout x {o.epochs_per_rollout} epoch(s), global batch {p.global_batch_size}, "
+        f"{o.steps_per_rollout} optimizer step(s) per rollout x {o.epochs_per_rollout} epoch(s), "
+        f"global batch {p.global_batch_size}, "
         f"{p.global_batch_size // (p.micro_batch_size * dp)} micro-batch(es) of {p.micro_batch_size} per rank",
         f"rollout: {cfg.rollout.engine} ({cfg.rollout.mode}), async={cfg.train.async_rollout}",
         "teachers: " + ", ".join(f"{t.name} <- {t.domains} ({t.format}: {t.checkpoint})" for t in cfg.teachers),
