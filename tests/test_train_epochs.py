@@ -3,55 +3,42 @@ the same micro-batches (teacher scores and log mu reused, not recomputed), each 
 weights the previous one left, and the learning-rate schedule spans all of them."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from dist_helpers import free_port
-from train_helpers import RECIPE, ROOT, recipe_overrides, tiny_inputs
+from dist_helpers import run_ranks
+from train_helpers import RECIPE, recipe_overrides, tiny_inputs
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = r'''
-import json, sys
-import torch
-import mopd_megatron.training.step as step_mod
-from mopd_megatron.config import load_recipe
-from mopd_megatron.train import Trainer
 
-calls = []
-real = step_mod.train_step
+def one_step_recorded(rank, world, overrides):
+    """Run one rollout step with train_step wrapped; what each optimizer step saw."""
+    import mopd_megatron.training.step as step_mod
+    from mopd_megatron.config import load_recipe
+    from mopd_megatron.train import Trainer
+    calls, weights, real = [], [], step_mod.train_step
 
-def recording(chunks, optimizer, scheduler, mbs, loss_fn, *, vocab_size):
-    weight = chunks[0].module.output_layer.weight
-    calls.append({
-        "mbs": id(mbs),
-        "weight_before": weight.detach().clone(),
-        "inputs": [float(sum(mb[k].double().sum() for mb in mbs))
-                   for k in ("teacher_logp", "rollout_logp", "orm_adv", "loss_mask")]})
-    res = real(chunks, optimizer, scheduler, mbs, loss_fn, vocab_size=vocab_size)
-    tok = sum(float(m["response_tokens"]) for m in res.metrics)
-    calls[-1]["gap"] = sum(abs(float(m["train_rollout_logratio"])) * float(m["response_tokens"])
-                           for m in res.metrics) / tok
-    calls[-1]["lr"] = optimizer.param_groups[0]["lr"]
-    return res
+    def recording(chunks, optimizer, scheduler, mbs, loss_fn, *, vocab_size):
+        weights.append(chunks[0].module.output_layer.weight.detach().clone())
+        keys = ("teacher_logp", "rollout_logp", "orm_adv", "loss_mask")
+        calls.append({"mbs": id(mbs),
+                      "inputs": [float(sum(mb[k].double().sum() for mb in mbs)) for k in keys]})
+        res = real(chunks, optimizer, scheduler, mbs, loss_fn, vocab_size=vocab_size)
+        tok = sum(float(m["response_tokens"]) for m in res.metrics)
+        calls[-1]["gap"] = sum(abs(float(m["train_rollout_logratio"]))
+                               * float(m["response_tokens"]) for m in res.metrics) / tok
+        calls[-1]["lr"] = optimizer.param_groups[0]["lr"]
+        return res
 
-step_mod.train_step = recording
-trainer = Trainer(load_recipe(sys.argv[1], json.loads(sys.argv[2])))
-try:
-    trainer.train_step(1)
-    w = [c.pop("weight_before") for c in calls]
-    out = {"calls": calls, "moved": [float((b - a).abs().max()) for a, b in zip(w, w[1:])],
-           "scheduler_steps": trainer.scheduler.num_steps,
-           "decay_steps": trainer.scheduler.lr_decay_steps}
-    print("REPORT " + json.dumps(out), flush=True)
-finally:
-    trainer.close()
-'''
+    step_mod.train_step = recording
+    trainer = Trainer(load_recipe(RECIPE, overrides))
+    try:
+        trainer.train_step(1)
+        moved = [float((b - a).abs().max()) for a, b in zip(weights, weights[1:])]
+        return {"calls": calls, "moved": moved, "scheduler_steps": trainer.scheduler.num_steps,
+                "decay_steps": trainer.scheduler.lr_decay_steps}
+    finally:
+        trainer.close()
 
 
 def test_epochs_reuse_the_rollout_batch(tmp_path):
@@ -62,14 +49,7 @@ def test_epochs_reuse_the_rollout_batch(tmp_path):
         "parallel.global_batch_size=8", "optimizer.steps_per_rollout=2",
         "optimizer.epochs_per_rollout=2", "optimizer.lr=1e-2", "optimizer.schedule=linear",
         "checkpoint.dir=null"])
-    script = tmp_path / "run_epochs.py"
-    script.write_text(SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MASTER_PORT=str(free_port()))
-    env.pop("RANK", None)
-    p = subprocess.run([sys.executable, str(script), RECIPE, json.dumps(over)], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    report = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("REPORT "))[7:])
+    report = run_ranks(one_step_recorded, 1, over, timeout=600)[0]
     calls = report["calls"]
 
     # Two epochs of the same two optimizer steps, in order, on the very same micro-batches.
