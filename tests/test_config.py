@@ -140,6 +140,8 @@ def test_overrides_are_yaml_typed(tmp_path):
     assert cfg.teachers[1].offload is True and cfg.teachers[0].checkpoint == "other"
     assert cfg.checkpoint.dir is None
     assert cfg.reward.verifiers["math"].params == {"tol": 1}
+    cfg = load_recipe(write(tmp_path, BASE), ["rollout.server_args=[--disable-radix-cache]"])
+    assert cfg.rollout.server_args == ["--disable-radix-cache"]
 
 
 @pytest.mark.parametrize("override, needle", [
@@ -155,6 +157,10 @@ def test_overrides_are_yaml_typed(tmp_path):
     ("train.eval_interval=-1", "train.eval_interval=-1: must be >= 0"),
     ("rollout.parity_interval=0", "rollout.parity_interval=0: must be >= 1"),
     ("rollout.top_p=[1", "value is not valid YAML"),
+    ("rollout.server_args=[--port, '1']", "rollout.server_args=['--port', '1']: --port set by the "
+                                          "trainer from the rollout fields"),
+    ("rollout.server_args=[--tp-size=2]", "--tp-size set by the trainer"),
+    ("rollout.server_args=[--log-level, 1]", "rollout.server_args[1]=1: expected a string"),
 ])
 def test_bad_overrides_name_the_override(tmp_path, override, needle):
     with pytest.raises(ConfigError) as e:

@@ -61,17 +61,23 @@ def test_server_specs_from_rollout_config():
     from mopd_megatron.rollout.sglang_engine import server_specs_from_config
     cfg = RolloutConfig(mode="dedicated", num_engines=3, base_port=31000, host="127.0.0.2",
                         server_tp_size=2, mem_fraction_static=0.4, max_total_tokens=2048,
-                        server_cpu_threads=3)
+                        server_cpu_threads=3, server_args=["--disable-radix-cache",
+                                                           "--attention-backend", "triton"])
     specs = server_specs_from_config(cfg, "/ckpt", log_dir="/logs", device="cuda")
     assert [s.url for s in specs] == [f"http://127.0.0.2:{31000 + i}" for i in range(3)]
     assert all(s.tp_size == 2 and s.mem_fraction_static == 0.4 and not s.colocated
                and s.max_total_tokens == 2048 and s.cpu_threads == 3 for s in specs)
     assert specs[2].log_path == "/logs/sglang_2.log"
     assert "--enable-memory-saver" not in specs[0].command()
+    # recipe flags come last: argparse keeps the last value, so they win over device defaults
+    assert specs[1].command()[-3:] == ["--disable-radix-cache", "--attention-backend", "triton"]
     colo = server_specs_from_config(RolloutConfig(mode="colocated"), "/ckpt", device="cuda")
     assert "--enable-memory-saver" in colo[0].command()
     with pytest.raises(ValueError, match="external"):
         server_specs_from_config(RolloutConfig(mode="external", external_urls=["http://h:1"]), "/c")
+    from mopd_megatron.config import ConfigError
+    with pytest.raises(ConfigError, match="rollout.server_args.*launches no servers"):
+        RolloutConfig(mode="external", external_urls=["http://h:1"], server_args=["--x"])
 
 
 def test_unknown_device_is_refused():

@@ -9,6 +9,13 @@ from .base import check, doc
 __all__ = ["RolloutConfig", "ParallelConfig"]
 
 
+# Flags SGLangServer derives from the config; a second value in rollout.server_args would
+# silently win (argparse keeps the last one) and break the trainer's view of its servers.
+TRAINER_OWNED_SERVER_FLAGS = frozenset({
+    "--model-path", "--model", "--host", "--port", "--tp-size", "--tp", "--device",
+    "--mem-fraction-static", "--max-total-tokens", "--enable-memory-saver"})
+
+
 @dataclass
 class RolloutConfig:
     """Sampling y ~ mu with log mu(y_t) from SGLang engines."""
@@ -62,6 +69,11 @@ class RolloutConfig:
         1, "Run the parity probe after every this many weight syncs, and always after the "
            "first sync of a run or resume (each probe: one trainer forward, one engine request).")
     weight_sync_bucket_mib: int = doc(512, "Size of a weight-sync bucket in MiB.")
+    server_args: list[str] = doc(
+        help="Extra `sglang.launch_server` flags for launched servers, passed as is, e.g. "
+             "[--disable-radix-cache]. Flags the trainer sets itself (model path, host, port, "
+             "tp size, device, memory) are refused: set their rollout fields instead.",
+        factory=list)
 
     def __post_init__(self):
         if self.mode == "external":
@@ -94,6 +106,12 @@ class RolloutConfig:
         check(self.parity_tolerance > 0, self, "parity_tolerance", "must be > 0")
         check(self.parity_interval >= 1, self, "parity_interval", "must be >= 1")
         check(self.weight_sync_bucket_mib >= 1, self, "weight_sync_bucket_mib", "must be >= 1")
+        check(not self.server_args or self.mode != "external", self, "server_args",
+              "mode=external launches no servers to pass flags to")
+        owned = sorted({a.split("=", 1)[0] for a in self.server_args} & TRAINER_OWNED_SERVER_FLAGS)
+        check(not owned, self, "server_args", f"{', '.join(owned)} set by the trainer from the "
+              "rollout fields (model path, host, base_port, server_tp_size, mem_fraction_static, "
+              "max_total_tokens, mode)")
 
 
 @dataclass

@@ -301,7 +301,7 @@ def server_specs_from_config(cfg, model_path: str, log_dir: str | None = None,
                        max_total_tokens=cfg.max_total_tokens,
                        cpu_threads=cfg.server_cpu_threads, device=device,
                        colocated=cfg.mode == "colocated",
-                       extra_args=tuple(extra_args),
+                       extra_args=(*cfg.server_args, *extra_args),
                        log_path=os.path.join(log_dir, f"sglang_{i}.log") if log_dir else None)
             for i in range(cfg.num_engines)]
 
