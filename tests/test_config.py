@@ -155,6 +155,8 @@ def test_overrides_are_yaml_typed(tmp_path):
     ("data.seed=-1", "data.seed=-1: must be >= 0"),
     ("optimizer.epochs_per_rollout=0", "optimizer.epochs_per_rollout=0: must be >= 1"),
     ("train.eval_interval=-1", "train.eval_interval=-1: must be >= 0"),
+    ("optimizer.decay_fraction=0", "optimizer.decay_fraction=0.0: must be in (0, 1]"),
+    ("optimizer.schedule=wsdd", "optimizer.schedule='wsdd'"),
     ("rollout.parity_interval=0", "rollout.parity_interval=0: must be >= 1"),
     ("rollout.top_p=[1", "value is not valid YAML"),
     ("rollout.server_args=[--port, '1']", "rollout.server_args=['--port', '1']: --port set by the "
@@ -194,6 +196,15 @@ def test_cross_section_checks(tmp_path, overrides, path, needle):
     with pytest.raises(ConfigError) as e:
         cfg.validate(check_paths=False)
     assert e.value.path == path and needle in str(e.value), str(e.value)
+
+
+def test_wsd_decays_over_the_last_fraction_of_all_optimizer_steps(tmp_path):
+    from mopd_megatron.trainer.builders import optim_settings
+    cfg = cfg_with(tmp_path, "optimizer.schedule=wsd", "optimizer.decay_fraction=0.3",
+                   "train.steps=10", "optimizer.steps_per_rollout=2",
+                   "optimizer.epochs_per_rollout=2", "parallel.global_batch_size=8")
+    s = optim_settings(cfg)
+    assert (s.decay_style, s.decay_steps, s.wsd_decay_steps) == ("wsd", 40, 12)
 
 
 def test_world_size_checks(tmp_path):

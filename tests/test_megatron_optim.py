@@ -123,3 +123,27 @@ def test_bf16_forward_backward_trains():
         assert all(torch.isfinite(torch.tensor(losses)))
         assert abs(losses[0] - torch.log(torch.tensor(250.0)).item()) < 0.5  # near-uniform start
         assert losses[-1] < losses[0]  # same batch three times: the loss must go down
+
+
+def _wsd_lrs(rank, world_size):
+    """The learning rate of 12 optimizer steps under the wsd schedule."""
+    from mopd_megatron.training.optimizer import OptimSettings, build_optimizer, wrap_ddp
+    _, hf, chunks = build(tiny_config(ARCH), seed=3)
+    settings = OptimSettings(lr=1e-2, min_lr=1e-3, warmup_steps=2, decay_steps=12,
+                             decay_style="wsd", wsd_decay_steps=4, distributed=False)
+    ddp = wrap_ddp(chunks, settings)
+    opt, sch = build_optimizer(ddp, settings, torch.float32)
+    lrs = []
+    for _ in range(12):
+        sch.step(1)
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+def test_wsd_schedule_warms_up_holds_then_decays_linearly_to_min_lr():
+    lrs = run_ranks(_wsd_lrs, 1)[0]
+    # Written out: steps 1-2 warm up (lr * n / 2), 3-8 hold lr, 9-12 go linearly from lr to
+    # min_lr over the last 4 steps (the anneal starts after step decay_steps - 4 = 8).
+    lr, lo = 1e-2, 1e-3
+    expected = [lr / 2, lr] + [lr] * 6 + [lo + (lr - lo) * (1 - k / 4) for k in (1, 2, 3, 4)]
+    assert lrs == pytest.approx(expected, rel=1e-12), lrs

@@ -124,8 +124,13 @@ class OptimizerConfig:
     weight_decay: float = doc(0.0, "Decoupled weight decay.")
     clip_grad: float = doc(1.0, "Global gradient-norm clip; 0 disables clipping.")
     warmup_steps: int = doc(0, "Linear warm-up length in optimizer steps.")
-    schedule: Literal["constant", "cosine", "linear"] = doc(
-        "constant", "Decay after warm-up, to min_lr at the last optimizer step.")
+    schedule: Literal["constant", "cosine", "linear", "wsd"] = doc(
+        "constant", "Decay after warm-up, to min_lr at the last optimizer step. wsd "
+                    "(warm-up, stable, decay): constant at lr, then linear to min_lr over the "
+                    "last optimizer.decay_fraction of the steps.")
+    decay_fraction: float = doc(
+        0.2, "schedule: wsd only: the share of the optimizer steps, at the end, over which "
+             "the learning rate decays.")
     steps_per_rollout: int = doc(
         1, "Optimizer steps per rollout batch; the rollout batch (train.prompts_per_step x "
            "rollout.n_samples_per_prompt) is split into this many global batches.")
@@ -144,5 +149,6 @@ class OptimizerConfig:
         check(self.weight_decay >= 0, self, "weight_decay", "must be >= 0")
         check(self.clip_grad >= 0, self, "clip_grad", "must be >= 0 (0 disables clipping)")
         check(self.warmup_steps >= 0, self, "warmup_steps", "must be >= 0")
+        check(0 < self.decay_fraction <= 1, self, "decay_fraction", "must be in (0, 1]")
         check(self.steps_per_rollout >= 1, self, "steps_per_rollout", "must be >= 1")
         check(self.epochs_per_rollout >= 1, self, "epochs_per_rollout", "must be >= 1")

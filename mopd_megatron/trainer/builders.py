@@ -141,11 +141,12 @@ def load_weights(chunks: list, path: str | None, fmt: str, hf: HFModelConfig) ->
 def optim_settings(cfg: MOPDConfig):
     from ..training.optimizer import OptimSettings
     o = cfg.optimizer
+    steps = cfg.train.steps * o.steps_per_rollout * o.epochs_per_rollout
     return OptimSettings(
         lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0],
         adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.clip_grad, warmup_steps=o.warmup_steps,
-        decay_steps=cfg.train.steps * o.steps_per_rollout * o.epochs_per_rollout,
-        decay_style=o.schedule, distributed=o.distributed_optimizer)
+        decay_steps=steps, decay_style=o.schedule,
+        wsd_decay_steps=max(1, round(o.decay_fraction * steps)), distributed=o.distributed_optimizer)
 
 
 def build_student(cfg: MOPDConfig, hf: HFModelConfig):

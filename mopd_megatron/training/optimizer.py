@@ -19,7 +19,8 @@ class OptimSettings:
     clip_grad: float = 1.0
     warmup_steps: int = 0
     decay_steps: int = 1
-    decay_style: str = "constant"  # constant | linear | cosine
+    decay_style: str = "constant"  # constant | linear | cosine | wsd
+    wsd_decay_steps: int = 1  # wsd: the last steps, over which the LR decays linearly
     distributed: bool = True  # shard optimizer state over data-parallel ranks (ZeRO-1)
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
@@ -75,6 +76,8 @@ def build_optimizer(ddp_chunks: list, settings: OptimSettings, params_dtype):
         optimizer, init_lr=0.0 if settings.warmup_steps else settings.lr, max_lr=settings.lr,
         min_lr=settings.min_lr, lr_warmup_steps=settings.warmup_steps,
         lr_decay_steps=max(settings.decay_steps, settings.warmup_steps + 1),
-        lr_decay_style=settings.decay_style, start_wd=settings.weight_decay,
+        lr_decay_style="WSD" if settings.decay_style == "wsd" else settings.decay_style,
+        wsd_decay_steps=settings.wsd_decay_steps, lr_wsd_decay_style="linear",
+        start_wd=settings.weight_decay,
         end_wd=settings.weight_decay, wd_incr_steps=1, wd_incr_style="constant")
     return optimizer, scheduler
