@@ -53,9 +53,8 @@ class DemoSettings:
     shift: int = 3                  # caesar: each letter moves this many places along a-h
     max_len: int = 4                # strings of length 3..max_len. With 3..5 the student
                                     # plateaued at 97-99% (teachers 100%) within the demo's
-                                    # budget, right at the 2-point target; with 3..4 it reached
-                                    # 99.7% / 98.4% by step 1600 of 2400 (in-trainer sampling,
-                                    # 1000 held-out prompts per domain)
+                                    # budget, right at the 2-point target; with 3..4 the
+                                    # main-job command printed 100% / 99.5% (README)
     train_prompts: int = 4000       # per domain, for SFT and for MOPD prompts (20000 with
                                     # 600 teacher steps left the caesar teacher at 66%)
     eval_prompts: int = 200         # per domain, held out (never trained on)
