@@ -13,7 +13,7 @@ import torch
 
 from mopd_megatron.rollout import ParityError, SamplingParams, ServerSpec, check_parity, parity_probe
 from mopd_megatron.rollout.client import ServerClient, ServerError, ServerUnreachable, WeightUpdateAPI
-from mopd_megatron.rollout.server import RouterSpec
+from mopd_megatron.rollout.server import RouterSpec, SGLangRouter, server_environment
 from mopd_megatron.rollout.sglang_engine import RolloutError, _parse_sample
 from tests.dist_helpers import free_port
 
@@ -44,7 +44,7 @@ def test_cpu_server_command_and_env():
 
 def test_cpu_threads_apply_to_cpu_servers_only():
     assert ServerSpec(model_path="/m", port=1, device="cuda", cpu_threads=1).environment() == \
-        dict(os.environ)
+        server_environment(os.environ)
 
 
 def test_cuda_server_command_memory_saver_only_when_colocated():
@@ -53,7 +53,68 @@ def test_cuda_server_command_memory_saver_only_when_colocated():
     assert "--enable-memory-saver" in colo and "--enable-memory-saver" not in dedicated
     assert "--device" not in colo and "--attention-backend" not in colo
     # nothing device-specific is added to the environment on CUDA
-    assert ServerSpec(model_path="/m", port=1, device="cuda").environment() == dict(os.environ)
+    assert ServerSpec(model_path="/m", port=1, device="cuda").environment() == \
+        server_environment(os.environ)
+
+
+# What torchrun 2.13 gives a worker (printed from a `--nproc-per-node 2` worker) and what srun
+# gives a task of a 2-task step on the local Slurm (tests/harness/slurm_local).
+TORCHRUN_WORKER = {
+    "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+    "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1", "ROLE_RANK": "1", "ROLE_WORLD_SIZE": "2",
+    "ROLE_NAME": "default", "MASTER_ADDR": "localhost", "MASTER_PORT": "38309",
+    "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RUN_ID": "none",
+    "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
+    "TORCHELASTIC_ERROR_FILE": "/tmp/torchelastic_x/none_y/attempt_0/1/error.json",
+    "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT",
+}
+SRUN_TASK = {
+    "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NODEID": "0", "SLURM_TASK_PID": "4242",
+    "SLURM_GTIDS": "0,1", "SLURM_NTASKS": "2", "SLURM_NPROCS": "2", "SLURM_STEPID": "0",
+    "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "n0", "SLURM_STEP_NUM_TASKS": "2",
+    "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_STEP_LAUNCHER_PORT": "40123",
+    "SLURM_SRUN_COMM_HOST": "127.0.0.1", "SLURM_SRUN_COMM_PORT": "40124",
+    "SLURM_LAUNCH_NODE_IPADDR": "127.0.0.1", "SLURM_DISTRIBUTION": "block",
+    "SLURM_LABELIO": "1", "SLURM_PRIO_PROCESS": "0", "SLURM_CPU_BIND": "quiet,none",
+    "SLURM_CPU_BIND_TYPE": "none", "SLURM_CPU_BIND_LIST": "", "PMI_RANK": "1", "PMIX_RANK": "1",
+}
+KEPT = {  # the user's and the job's settings
+    "PATH": "/usr/bin", "HOME": "/root", "PYTHONPATH": "/repo", "OMP_NUM_THREADS": "1",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_DISTRIBUTED_DEBUG": "DETAIL",
+    "CUDA_VISIBLE_DEVICES": "0,1", "NCCL_DEBUG": "INFO", "SGLANG_USE_CPU_ENGINE": "1",
+    "SLURM_JOB_ID": "17", "SLURM_JOBID": "17", "SLURM_JOB_NODELIST": "n0", "SLURM_NODELIST": "n0",
+    "SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": "1", "SLURM_CPUS_ON_NODE": "2",
+    "SLURM_SUBMIT_DIR": "/repo", "SLURM_CLUSTER_NAME": "c", "SLURM_TASKS_PER_NODE": "2",
+}
+
+
+def test_server_environment_drops_the_launchers_rank_variables():
+    """A server is not a rank of the trainer's job: torchrun's and srun's per-process variables
+    go (TORCHELASTIC_USE_AGENT_STORE alone hangs SGLang's start-up), the rest stays as is."""
+    env = server_environment({**TORCHRUN_WORKER, **SRUN_TASK, **KEPT})
+    assert env == KEPT
+    assert server_environment(KEPT) == KEPT and server_environment({}) == {}
+    base = {**TORCHRUN_WORKER, **KEPT}
+    server_environment(base)
+    assert base == {**TORCHRUN_WORKER, **KEPT}           # the argument is not modified
+    # The default is os.environ; what ServerSpec and the router launch with.
+    saved = dict(os.environ)
+    try:
+        os.environ.update(TORCHRUN_WORKER, SLURM_PROCID="0", SLURM_STEP_ID="3")
+        spec_env = ServerSpec(model_path="/m", port=1, device="cpu", cpu_threads=2).environment()
+        assert not set(spec_env) & (set(TORCHRUN_WORKER) | {"SLURM_PROCID", "SLURM_STEP_ID"})
+        assert spec_env["SGLANG_USE_CPU_ENGINE"] == "1" and spec_env["OMP_NUM_THREADS"] == "2"
+        assert spec_env == {**server_environment(), "SGLANG_USE_CPU_ENGINE": "1",
+                            "OMP_NUM_THREADS": "2"}
+        router = SGLangRouter(RouterSpec(("http://127.0.0.1:1",), port=2))   # not started
+        assert router.process.env == server_environment()
+        assert "TORCHELASTIC_USE_AGENT_STORE" not in router.process.env
+        # a spec's own env wins, even for a name the filter drops
+        assert ServerSpec(model_path="/m", port=1, device="cpu",
+                          env=(("MASTER_PORT", "1234"),)).environment()["MASTER_PORT"] == "1234"
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def test_server_specs_from_rollout_config():

@@ -15,11 +15,45 @@ import sys
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import requests
 
 __all__ = ["ServerSpec", "ManagedProcess", "SGLangServer", "SGLangRouter", "detect_device",
-           "DEVICE_PROFILES", "wait_healthy"]
+           "DEVICE_PROFILES", "wait_healthy", "server_environment"]
+
+
+# What a launcher tells each trainer process about its own place in the job. A server (or any
+# other single-process child: the router, the demo's input builder) is not a rank of that job,
+# and some of these change what it does: with torchrun's TORCHELASTIC_USE_AGENT_STORE=True,
+# torch.distributed in SGLang's scheduler joins its own tcp:// store as a client of a store that
+# nobody serves ("Init parallel begin", then nothing); an inherited MASTER_ADDR/MASTER_PORT
+# names SGLang's CPU shared-memory all-reduce segments, so co-located servers would collide.
+_LAUNCHER_VARS = frozenset({
+    # torch.distributed / torchrun (torch.distributed.elastic.agent.server.local_elastic_agent)
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+    "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+    # Slurm, per task of a step (srun); job-level ones (SLURM_JOB_*, SLURM_NODELIST, ...) stay
+    "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_TASK_PID", "SLURM_GTIDS",
+    "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_STEPID", "SLURM_SRUN_COMM_HOST",
+    "SLURM_SRUN_COMM_PORT", "SLURM_LAUNCH_NODE_IPADDR", "SLURM_DISTRIBUTION", "SLURM_LABELIO",
+    "SLURM_PRIO_PROCESS",
+    # MPI ranks that srun --mpi=pmi2/pmix hands each task
+    "PMI_RANK", "PMI_SIZE", "PMIX_RANK",
+})
+# TORCHELASTIC_*: torchrun's agent (USE_AGENT_STORE, RUN_ID, RESTART_COUNT, ERROR_FILE, ...).
+# TORCH_NCCL_ASYNC_ERROR_HANDLING, which torchrun also sets, is a NCCL setting, not a place in
+# the job, and may be the user's own: it stays.
+_LAUNCHER_PREFIXES = ("TORCHELASTIC_", "SLURM_STEP_", "SLURM_CPU_BIND", "OMPI_COMM_WORLD_")
+
+
+def server_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: os.environ) without the launcher's rank and rendezvous variables
+    (torchrun/torchelastic, Slurm per-task, MPI rank): the environment for a process the trainer
+    starts that must run as a standalone program, whatever launched the trainer."""
+    base = os.environ if base is None else base
+    return {k: v for k, v in base.items()
+            if k not in _LAUNCHER_VARS and not k.startswith(_LAUNCHER_PREFIXES)}
 
 
 @dataclass(frozen=True)
@@ -90,7 +124,7 @@ class ServerSpec:
         return cmd + list(self.extra_args)
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = server_environment()
         env.update(dict(DEVICE_PROFILES[self.resolved_device()].env))
         if self.cpu_threads is not None and self.resolved_device() == "cpu":
             env["OMP_NUM_THREADS"] = str(self.cpu_threads)
@@ -247,7 +281,7 @@ class SGLangRouter:
     def __init__(self, spec: RouterSpec, startup_timeout_s: float = 120.0):
         self.spec, self.startup_timeout_s = spec, startup_timeout_s
         self.process = ManagedProcess(f"sglang-router {spec.url}", spec.command(),
-                                      dict(os.environ), spec.log_path)
+                                      server_environment(), spec.log_path)
 
     @property
     def url(self) -> str:
