@@ -5,7 +5,7 @@
     orm_only   A = alpha * A_ORM  (GRPO; the teacher term is removed by scoring each response
                with the student itself, in the same forward: log pi_dom := log pi_theta, so the
                teacher term is 0 whatever the rollout engine, synchronous or one step off)
-    no_orm     A = sg[log pi_dom - log pi_theta]   (reward.alpha = 0)
+    no_orm     A = sg[log pi_dom - log pi_theta]   (loss.alpha = 0)
 
 Each variant runs in its own process (Megatron state is per process) and reports greedy
 per-domain accuracy on the held-out prompts; the table is appended to benchmarks/RESULTS.md
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = {"mopd": [], "orm_only": [], "no_orm": ["reward.alpha=0.0"]}
+VARIANTS = {"mopd": [], "orm_only": [], "no_orm": ["loss.alpha=0.0"]}
 
 CHILD = r'''
 import json, sys
@@ -138,7 +138,7 @@ def main(argv=None) -> None:
             print(name, results[name][0]["after"], f"{results[name][1]:.0f}s", flush=True)
     engine = cfg.rollout.engine + (", one step off" if cfg.train.async_rollout else "")
     cfg_line = (f"{cfg.train.steps} steps x {cfg.rollout_batch_size} samples, lr {cfg.optimizer.lr}, "
-                f"alpha {cfg.reward.alpha}, rollout engine {engine}; greedy accuracy (%) on "
+                f"alpha {cfg.loss.alpha}, rollout engine {engine}; greedy accuracy (%) on "
                 "held-out prompts; "
                 f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                 f"OMP_NUM_THREADS=1, {time.strftime('%Y-%m-%d')}")

@@ -16,13 +16,18 @@ import argparse
 import json
 import sys
 
-from mopd_megatron.models.fp8 import RECIPES, FP8Settings, fp8_unavailable_reason
+import typing
+
+from mopd_megatron.config import FP8Config
+from mopd_megatron.models.fp8 import fp8_unavailable_reason
+
+RECIPES = typing.get_args(typing.get_type_hints(FP8Config)["recipe"])
 
 SKIP = 77
 
 
-def te_recipe(settings: FP8Settings):
-    """FP8Settings -> a transformer_engine.common.recipe object."""
+def te_recipe(settings: FP8Config):
+    """A model.fp8 section -> a transformer_engine.common.recipe object."""
     from transformer_engine.common import recipe as r
     fmt = r.Format.HYBRID if settings.format == "hybrid" else r.Format.E4M3
     if settings.recipe == "delayed":
@@ -62,7 +67,7 @@ def build_model(vocab: int = 512, hidden: int = 256, layers: int = 4, heads: int
     return TinyLM()
 
 
-def train(settings: FP8Settings | None, init_state: dict, steps: int, seed: int) -> list[float]:
+def train(settings: FP8Config | None, init_state: dict, steps: int, seed: int) -> list[float]:
     """Per-step losses of `steps` AdamW steps from `init_state`, FP8 when settings is given."""
     import torch
     import transformer_engine.pytorch as te
@@ -118,7 +123,7 @@ def main(argv=None) -> int:
     results = {"bf16": ref_losses}
     ok = True
     for name in (RECIPES if args.recipe == "all" else (args.recipe,)):
-        st = FP8Settings(enabled=True, format=args.format, recipe=name)
+        st = FP8Config(enabled=True, format=args.format, recipe=name)
         try:
             losses = train(st, init_state, args.steps, args.seed)
         except Exception as e:  # noqa: BLE001 - e.g. blockwise needs a newer TE

@@ -13,7 +13,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("mopd_megatron.train", "train_main", "run MOPD on a recipe (default: CPU demo)"),
+    "train": ("mopd_megatron.trainer.cli", "main", "run MOPD on a recipe (default: CPU demo)"),
     "plan": ("mopd_megatron.plan.cli", "plan_main", "per-GPU memory plan of a recipe"),
     "convert": ("mopd_megatron.convert.cli", "convert_main",
                 "HF <-> Megatron checkpoint conversion"),

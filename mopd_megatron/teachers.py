@@ -6,7 +6,8 @@ Megatron's forward-only schedule and the ops' forward-only log-prob path (no gra
 tensors). Results land where the student's loss needs them: the last pipeline stage.
 
     pool = TeacherPool.build(cfg.teachers, student_hf, layout_opts, load_weights)
-    kl = pool.score(microbatches, domains, vocab_size)   # fills mb["teacher_logp"] in place
+    kl = pool.score(microbatches, domains, vocab_size, mbs, fixed_length,
+                    temperature=T)                     # fills mb["teacher_logp"] in place
 
 Offload (``teachers[].offload``): on CUDA the parameters move to pinned CPU memory between
 scoring passes; on CPU there is nowhere to move them, so it is a no-op.
@@ -22,7 +23,7 @@ import torch
 
 from .config import ConfigError, TeacherConfig
 
-__all__ = ["Teacher", "TeacherPool", "check_teacher_vocab"]
+__all__ = ["Teacher", "TeacherPool", "check_teacher_vocab", "score_loss_fn"]
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +84,17 @@ class Teacher:
             self._move(torch.device("cpu"))
 
 
-def _score_loss_fn(tp_group):
-    """Forward-only 'loss': the per-token log-probs of the targets, returned as metrics."""
+def score_loss_fn(tp_group, temperature: float = 1.0):
+    """Forward-only 'loss': the per-token log-probs of the targets at ``temperature`` (log
+    softmax(logits / T), tempered exactly as the student's loss does), returned as metrics.
+    T = 1 is the raw model (the parity probe compares with the engine at T = 1)."""
     from .ops import score_logprobs
+    from .trainer.loss import tempered_logits
 
     def loss_fn(batch, logits):  # logits [b, s, V/tp]
         b, s, v = logits.shape
-        logp = score_logprobs(logits.reshape(b * s, v), batch["targets"].reshape(-1), tp_group)
+        logp = score_logprobs(tempered_logits(logits, temperature), batch["targets"].reshape(-1),
+                              tp_group)
         zero = logits.new_zeros(())
         return zero, torch.ones((), dtype=torch.int, device=logits.device), {"logp": logp.view(b, s)}
     return loss_fn
@@ -121,19 +126,22 @@ class TeacherPool:
 
     @torch.no_grad()
     def score(self, microbatches: list[dict], domains: list[str], vocab_size: int,
-              micro_batch_size: int, fixed_length: bool) -> dict[str, torch.Tensor]:
+              micro_batch_size: int, fixed_length: bool, *,
+              temperature: float, layout) -> dict[str, torch.Tensor]:
         """Fill ``mb["teacher_logp"]`` of the student's micro-batches (last pipeline stage).
+
+        ``layout`` (runtime.Layout): this rank's TP group and rank.
+        ``temperature``: the one log pi_theta and log mu are taken at (rollout.temperature);
+        log pi_dom is log softmax(logits / T), so a teacher equal to the student gives A = 0.
 
         ``domains[i]`` is the domain of rollout-batch sequence i (``mb["index"]`` rows). Each
         teacher sees only its domains' rows, regrouped into micro-batches of
         ``micro_batch_size`` (the last one padded by repeating a row). Returns per-domain sums
         for the reverse-KL estimate: {domain: tensor([sum(log mu - log pi_dom), tokens])}.
         """
-        from megatron.core import parallel_state as ps
-
         from .runtime import device
         from .training.schedule import forward_backward
-        tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+        tp_group = layout.tp_group_or_none
         rows = [(m, r) for m, mb in enumerate(microbatches) for r in range(len(mb["index"]))]
         kl: dict[str, torch.Tensor] = {}
         for teacher in self.teachers:
@@ -149,8 +157,9 @@ class TeacherPool:
                 mb = {k: _stack([microbatches[m][k][r] for m, r in padded], length)
                       for k in ("tokens", "targets")}
                 mb["position_ids"] = torch.arange(length, device=mb["tokens"].device).expand_as(mb["tokens"])
-                out = forward_backward(teacher.chunks, [mb], _score_loss_fn(tp_group),
-                                       vocab_size=vocab_size, forward_only=True)
+                out = forward_backward(teacher.chunks, [mb], score_loss_fn(tp_group, temperature),
+                                       vocab_size=vocab_size, tp_rank=layout.tp_rank,
+                                       forward_only=True)
                 if not out:
                     continue  # not the last pipeline stage: nothing to fill here
                 logp = out[0]["logp"]  # [b, length]

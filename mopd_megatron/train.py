@@ -4,7 +4,7 @@
 
 The Trainer's constructor is an ordered list of builds (trainer/builders.py); ``train_step``
 names the phases; everything else lives in small modules under ``mopd_megatron/trainer/``.
-Entry point for ``mopd train``: ``train_main(argv)``.
+``mopd train`` (trainer/cli.py) builds a Trainer from a recipe and runs it.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from .trainer.batch import RolloutBatch, pack_microbatches
 from .trainer.evaluate import greedy_accuracy, load_eval_rows
 from .trainer.loss import make_mopd_loss_fn, reduce_microbatch_metrics
 
-__all__ = ["Trainer", "train_main"]
+__all__ = ["Trainer"]
 
 
 class Trainer:
@@ -43,22 +43,33 @@ class Trainer:
             torch.set_num_threads(cfg.train.cpu_threads)
         self.chunks, self.optimizer, self.scheduler = builders.build_student(cfg, self.inputs.hf)  # 3.
         self.teachers = TeacherPool.build(                                    # 4. frozen teachers
-            cfg.teachers, lambda hf_dir: builders.build_chunks(hf_dir, cfg),
+            cfg.teachers, lambda hf_dir: builders.build_chunks(hf_dir, cfg, frozen=True),
             lambda chunks, t, i: builders.load_weights(chunks, t.checkpoint, t.format, None))
         self.sampler = DomainSampler(self.inputs.dataset, cfg.data.domain_weights, cfg.data.seed)  # 5.
-        self.engine = engine if engine is not None else builders.build_engine(  # 6. rollout
-            cfg, self.chunks, self.inputs, log_dir=cfg.rollout.server_log_dir)
+        self.engines = builders.Engines(engine, engine) if engine is not None else \
+            builders.build_engines(cfg, self.chunks, self.inputs, self.layout)  # 6. rollout
+        self.engine = self.engines.driver
+        # Server engines exist on the driver (rank 0) only: every rank learns how to drive it.
+        traits = [(self.engine.collective, self.engine.needs_weight_sync)
+                  if self.engine is not None else None]
+        dist.broadcast_object_list(traits, src=0)
+        self.engine_collective, self.engine_needs_sync = traits[0]
         self.eval_rows = load_eval_rows(cfg, self.inputs.tokenizer)          # 7. held-out prompts
         self.losses: list[float] = []
         self._pending = None  # one-step-off rollout in flight (train.async_rollout)
         self._probed = False  # parity checked since start or resume (rollout.parity_interval)
+        self._released = False  # colocated engines' memory given to training
+        if self.engines.placement is not None and dist.get_rank() == 0:
+            from .rollout.placement import format_placement
+            print("\n".join("placement " + line
+                            for line in format_placement(self.engines.placement)), flush=True)
         self.start_step = self._resume()                                     # 8. resume
         self.logger = MetricLogger.from_config(                              # 9. metric sinks
             cfg.logging, total_steps=cfg.train.steps, enabled=dist.get_rank() == 0,
             run_config=cfg.to_dict(), resume_step=self.start_step)
         self.timer = PhaseTimer(torch.cuda.synchronize if torch.cuda.is_available() else None)
-        self.loss_fn = make_mopd_loss_fn(cfg.loss, cfg.reward.alpha, cfg.rollout.temperature,
-                                         self._tp_group())
+        self.loss_fn = make_mopd_loss_fn(cfg.loss, cfg.loss.alpha, cfg.rollout.temperature,
+                                         self.layout.tp_group_or_none)
         self.sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                        top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
                                        stop_token_ids=(self.inputs.eos_id,))
@@ -81,14 +92,18 @@ class Trainer:
             batch = self.rollout()                        # y ~ mu and log mu, n per prompt
         with self.phase("reward", step):
             batch = self.reward(batch)                    # r -> GRPO A_ORM (rank 0), broadcast
+        with self.phase("release", step):                 # (after the broadcast: every engine idle)
+            self.release_engines()                        # colocated: free weights + KV cache
         with self.phase("teacher", step):
             mbs, kl = self.teacher_scores(batch)          # log pi_dom of each domain's sequences
         with self.phase("student", step):
             results = self.student_update(mbs)            # fused MOPD loss, optimizer step(s)
+        with self.phase("resume", step):
+            self.resume_engines()                         # colocated: re-occupy before sync
         with self.phase("sync", step):
-            parity = self.sync_weights(step)              # new weights -> rollout engine
+            synced = self.sync_weights(step)              # new weights -> rollout engines
         held_out = self.periodic_eval(step)               # train.eval_interval
-        metrics = self.metrics(batch, results, kl, parity, time.perf_counter() - t0) | held_out
+        metrics = self.metrics(batch, results, kl, time.perf_counter() - t0) | synced | held_out
         self.losses.append(metrics["loss"])
         self.logger.log(step, metrics)
         if self.should_save(step):
@@ -113,7 +128,7 @@ class Trainer:
 
     def _generate(self, rows) -> RolloutBatch | None:
         n = self.cfg.rollout.n_samples_per_prompt
-        if getattr(self.engine, "collective", False) or dist.get_rank() == 0:
+        if self.engine_collective or dist.get_rank() == 0:
             samples = self.engine.generate([r.prompt_ids for r in rows], n, self.sampling)
             return RolloutBatch(rows, samples, n) if dist.get_rank() == 0 else None
         return None
@@ -147,18 +162,33 @@ class Trainer:
             steps.append(pack_microbatches(batch, list(range(lo, lo + per_rank)), mbs,
                                            self.inputs.pad_id, length, self.device))
         flat = [mb for s in steps for mb in s]
-        kl = self.teachers.score(flat, batch.domains, self.inputs.hf.vocab_size, mbs, length is not None)
+        # log pi_dom at the rollout temperature, the one log pi_theta and log mu are taken at:
+        # a teacher equal to the student then gives A = 0 at any temperature.
+        kl = self.teachers.score(flat, batch.domains, self.inputs.hf.vocab_size, mbs, length is not None,
+                                 temperature=cfg.rollout.temperature, layout=lay)
         return steps, kl
 
     def student_update(self, steps: list[list[dict]]) -> list:
         from .training.step import train_step
         return [train_step(self.chunks, self.optimizer, self.scheduler, mbs, self.loss_fn,
-                           vocab_size=self.inputs.hf.vocab_size)
+                           vocab_size=self.inputs.hf.vocab_size, tp_rank=self.layout.tp_rank)
                 for _ in range(self.cfg.optimizer.epochs_per_rollout) for mbs in steps]
 
-    def sync_weights(self, step: int) -> float | None:
-        if not getattr(self.engine, "needs_weight_sync", True):
-            return None
+    def release_engines(self) -> None:
+        """Colocated engines give their GPU memory (weights and KV cache) to training; each
+        node's local rank 0 releases its own node's engines."""
+        if self.engines.placement is not None and self.engines.node is not None:
+            self.engines.node.release_memory()
+            self._released = True
+
+    def resume_engines(self) -> None:
+        if self._released:
+            self.engines.node.resume_memory()
+            self._released = False
+
+    def sync_weights(self, step: int) -> dict[str, float]:
+        if not self.engine_needs_sync:
+            return {}
         from .trainer.sync import push_weights
         if self._pending is not None:
             self._pending.exception()  # one-step-off: the batch in flight finishes on its weights
@@ -169,17 +199,17 @@ class Trainer:
         probe = next(iter(self.inputs.dataset.rows_by_domain.values()))[0].prompt_ids
         check = not self._probed or step % self.cfg.rollout.parity_interval == 0
         self._probed = True
-        return push_weights(self, step, probe if check else None)
+        return push_weights(self.engines, self.chunks, self.inputs.hf, self.layout,
+                            self.cfg.rollout, step, probe if check else None)
 
     # --- metrics, checkpoints, eval ------------------------------------------------------
-    def metrics(self, batch: RolloutBatch, results, kl, parity, seconds: float) -> dict:
-        from megatron.core import parallel_state as ps
+    def metrics(self, batch: RolloutBatch, results, kl, seconds: float) -> dict:
         names = [f"kl/{t.name}" for t in self.teachers.teachers]
         per_teacher = {}
         for dom, v in kl.items():
             key = f"kl/{self.teachers.by_domain[dom].name}"
             per_teacher[key] = per_teacher.get(key, torch.zeros(2, dtype=torch.float64)) + v
-        contributes = ps.is_pipeline_last_stage(ignore_virtual=True) and self.layout.tp_rank == 0
+        contributes = self.layout.is_last_stage and self.layout.tp_rank == 0
         m = reduce_microbatch_metrics([x for r in results for x in r.metrics], contributes,
                                       self.cfg.loss.log_entropy, per_teacher, names)
         m.update(self.timer.pop())
@@ -188,8 +218,6 @@ class Trainer:
         m["optim/skipped"] = float(sum(not r.ok for r in results))
         if results[-1].grad_norm is not None:
             m["optim/grad_norm"] = results[-1].grad_norm
-        if parity is not None:
-            m["rollout/parity_mean_abs"] = parity
         lens = [len(s.token_ids) for s in batch.samples]
         m["response_len/mean"] = sum(lens) / len(lens)
         m["rollout/truncated_frac"] = sum(s.finish_reason == "length" for s in batch.samples) / len(lens)
@@ -219,7 +247,7 @@ class Trainer:
     def save(self, step: int) -> None:
         trainer_state = {"step": step, "sampler": self.sampler.state_dict(),
                          "scheduler": self.scheduler.state_dict(),
-                         "engine": getattr(self.engine, "state_dict", dict)(),
+                         "engine": self.engine.state_dict() if self.engine is not None else {},
                          "losses": self.losses}
         hook = self.hooks.get("checkpoint_write")
         state.save_checkpoint(self.cfg.checkpoint.dir, step, self.chunks, self.optimizer,
@@ -233,12 +261,12 @@ class Trainer:
         st = state.load_checkpoint(path, self.chunks, self.optimizer)
         self.scheduler.load_state_dict(st["scheduler"])
         self.sampler.load_state_dict(st["sampler"])
-        if hasattr(self.engine, "load_state_dict") and st.get("engine"):
+        if self.engine is not None and st.get("engine"):
             self.engine.load_state_dict(st["engine"])
         self.losses = list(st.get("losses", []))
         if dist.get_rank() == 0:
             print(f"resumed from {path} (step {st['step']})", flush=True)
-        if getattr(self.engine, "needs_weight_sync", True):
+        if self.engine_needs_sync:
             self.sync_weights(st["step"])
         return int(st["step"])
 
@@ -276,18 +304,11 @@ class Trainer:
             self.hooks[name](self, step)
         return self.timer(name)
 
-    def _tp_group(self):
-        from megatron.core import parallel_state as ps
-        return ps.get_tensor_model_parallel_group() if self.layout.tp > 1 else None
-
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.logger.close()
-        if self.engine is not None:
-            self.engine.shutdown()
+        for engine in {id(e): e for e in (self.engines.driver, self.engines.node)
+                       if e is not None}.values():
+            engine.shutdown()
         self.inputs.rewards.close()
 
-
-def train_main(argv=None) -> int:
-    from .trainer.cli import main
-    return main(argv)

@@ -46,12 +46,13 @@ def microbatches(n: int = 2, b: int = 2, s: int = 12, seed: int = 0) -> list[dic
 
 
 def build(hf_dict: dict, tp=1, pp=1, vpp=None, seed=1234, dtype="fp32"):
-    from mopd_megatron.models.builder import BuildOptions, build_model_chunks
+    from mopd_megatron.config import ParallelConfig
+    from mopd_megatron.models.builder import build_model_chunks
     from mopd_megatron.models.hf_config import load_hf_config
     from mopd_megatron.runtime import init_runtime
     layout = init_runtime(tp=tp, pp=pp, vpp=vpp, seed=seed)
     hf = load_hf_config(hf_dict)
-    return layout, hf, build_model_chunks(hf, BuildOptions(dtype=dtype))
+    return layout, hf, build_model_chunks(hf, ParallelConfig(tp=tp, pp=pp, vpp=vpp), dtype=dtype)
 
 
 def full_logits(chunks, tokens) -> torch.Tensor:
@@ -78,7 +79,8 @@ def loss_and_grads(ddp_chunks, hf, batches, ckpt_dir):
     from mopd_megatron.training.schedule import forward_backward
     for c in ddp_chunks:
         c.zero_grad_buffer()
-    metrics = forward_backward(ddp_chunks, batches, masked_token_ce, vocab_size=hf.vocab_size)
+    metrics = forward_backward(ddp_chunks, batches, masked_token_ce, vocab_size=hf.vocab_size,
+                               tp_rank=ps.get_tensor_model_parallel_rank())
     stats = torch.zeros(2, dtype=torch.float64)
     if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
             and ps.get_data_parallel_rank() == 0:

@@ -199,12 +199,13 @@ def test_cross_section_checks(tmp_path, overrides, path, needle):
 
 
 def test_wsd_decays_over_the_last_fraction_of_all_optimizer_steps(tmp_path):
-    from mopd_megatron.trainer.builders import optim_settings
+    from mopd_megatron.trainer.builders import total_optimizer_steps
+    from mopd_megatron.training.optimizer import scheduler_kwargs
     cfg = cfg_with(tmp_path, "optimizer.schedule=wsd", "optimizer.decay_fraction=0.3",
                    "train.steps=10", "optimizer.steps_per_rollout=2",
                    "optimizer.epochs_per_rollout=2", "parallel.global_batch_size=8")
-    s = optim_settings(cfg)
-    assert (s.decay_style, s.decay_steps, s.wsd_decay_steps) == ("wsd", 40, 12)
+    s = scheduler_kwargs(cfg.optimizer, total_optimizer_steps(cfg))
+    assert (s["lr_decay_style"], s["lr_decay_steps"], s["wsd_decay_steps"]) == ("WSD", 40, 12)
 
 
 def test_world_size_checks(tmp_path):
@@ -292,3 +293,50 @@ def test_rollout_cpu_and_batching_fields():
             RolloutConfig(**{field: 0})
     with pytest.raises(ConfigError, match=r"train.cpu_threads=0: must be >= 1"):
         config_from_dict(yaml.safe_load(BASE), ["train.cpu_threads=0"])
+
+
+@pytest.mark.parametrize("override, field", [("rollout.top_p=0.9", "rollout.top_p"),
+                                             ("rollout.top_k=50", "rollout.top_k")])
+def test_truncated_sampling_is_refused_with_the_reason(tmp_path, override, field):
+    # log mu from the engine is the untruncated tempered distribution: under top-p/top-k
+    # sampling w = pi_theta/mu would not be the behaviour ratio.
+    with pytest.raises(ConfigError) as e:
+        load_recipe(write(tmp_path, BASE), [override])
+    assert e.value.path == field and f"--set {override}" in str(e.value)
+    assert "untruncated tempered distribution" in str(e.value) and "importance weight" in str(e.value)
+    from mopd_megatron.config.systems import RolloutConfig
+    with pytest.raises(ConfigError, match=rf"^{field}=.*would not be the behaviour-policy ratio"):
+        RolloutConfig(**{field.split(".")[1]: 0.5 if field.endswith("top_p") else 1})
+    # Spelling out the untruncated values stays valid (recipes/tiny_cpu.yaml sets top_p: 1.0).
+    cfg = load_recipe(write(tmp_path, BASE), ["rollout.top_p=1.0", "rollout.top_k=-1"])
+    assert (cfg.rollout.top_p, cfg.rollout.top_k) == (1.0, -1)
+    for bad, needle in [("rollout.top_p=0", "must be in (0, 1]"), ("rollout.top_k=0", "must be -1 or >= 1")]:
+        with pytest.raises(ConfigError) as e:
+            load_recipe(write(tmp_path, BASE), [bad])
+        assert needle in str(e.value)
+
+
+def test_alpha_lives_in_the_loss_section(tmp_path):
+    cfg = load_recipe(write(tmp_path, BASE + "loss:\n  alpha: 0.25\n"))
+    assert cfg.loss.alpha == 0.25 and not hasattr(cfg.reward, "alpha")
+    assert LossConfig().alpha == 1.0
+    with pytest.raises(ConfigError, match=r"^loss.alpha=-1.0: must be >= 0"):
+        LossConfig(alpha=-1.0)
+    # The GRPO group-size rule reads loss.alpha: pure distillation may sample once per prompt.
+    single = ["rollout.n_samples_per_prompt=1", "train.prompts_per_step=16"]
+    with pytest.raises(ConfigError, match=r"needs >= 2 samples per prompt; set loss.alpha=0"):
+        cfg_with(tmp_path, *single).validate(check_paths=False)
+    cfg_with(tmp_path, *single, "loss.alpha=0").validate(check_paths=False)
+
+
+def test_old_reward_alpha_names_its_new_place(tmp_path):
+    text = BASE.replace("    code: {type: code}\n", "    code: {type: code}\n  alpha: 0.5\n")
+    assert "reward:\n  verifiers:\n    math: {type: math}\n    code: {type: code}\n  alpha: 0.5" in text
+    with pytest.raises(ConfigError) as e:
+        load_recipe(write(tmp_path, text))
+    assert e.value.path == "reward.alpha"
+    assert str(e.value).startswith(f"{tmp_path / 'recipe.yaml'}:{line_of(text, 'alpha: 0.5')}: "
+                                   "reward.alpha=0.5: unknown key: reward.alpha moved to loss.alpha")
+    with pytest.raises(ConfigError, match=r"^--set reward.alpha=0: reward.alpha=0: unknown field: "
+                                          r"reward.alpha moved to loss.alpha"):
+        load_recipe(write(tmp_path, BASE), ["reward.alpha=0"])

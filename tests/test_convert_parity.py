@@ -50,23 +50,24 @@ def _forward(chunks, tokens):
 
 def _ranks(rank, world_size, cases, tokens, base):
     from mopd_megatron.convert import export_hf_weights
-    from mopd_megatron.models.builder import BuildOptions, build_model_chunks
+    from mopd_megatron.config import ParallelConfig
+    from mopd_megatron.models.builder import build_model_chunks
     from mopd_megatron.models.hf_config import load_hf_config
     from mopd_megatron.runtime import init_runtime
     from mopd_megatron.training import dist_ckpt
     out = {}
     for layout_name, layout in EXPORT_LAYOUTS.items():
         for arch, (hf_dir, ckpt, want_logits) in cases.items():
-            init_runtime(**layout, seed=99)  # random init differs from the checkpoint
+            lay = init_runtime(**layout, seed=99)  # random init differs from the checkpoint
             hf = load_hf_config(hf_dir)
-            chunks = build_model_chunks(hf, BuildOptions(dtype="fp32"))
+            chunks = build_model_chunks(hf, ParallelConfig(**layout), dtype="fp32")
             dist_ckpt.load(ckpt, chunks)
             logits = _forward(chunks, tokens) if layout_name in LAYOUTS else None
             diff = None if logits is None else \
                 float((logits[..., :VOCAB] - want_logits).abs().max())
             want = hf_tensors(hf_dir)
             got, buckets = {}, 0
-            for bucket in export_hf_weights(chunks, hf, bucket_mb=0.05):  # several buckets
+            for bucket in export_hf_weights(chunks, hf, lay, bucket_mb=0.05):  # several buckets
                 buckets += 1
                 for name, t in bucket:
                     assert name not in got, f"{name} exported twice"

@@ -15,8 +15,8 @@ ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
 def _allreduce_settings():
     # Gradient comparisons need the full reduced gradient on every rank: with the distributed
     # optimizer each rank's buffer is only valid for its own shard after the reduce-scatter.
-    from mopd_megatron.training.optimizer import OptimSettings
-    return OptimSettings(distributed=False)
+    from mopd_megatron.config import OptimizerConfig
+    return OptimizerConfig(distributed_optimizer=False)
 
 
 def _tp_logits(rank, world_size):

@@ -8,14 +8,15 @@ ARCH = "Qwen3ForCausalLM"
 # adam_eps bounds Adam's sensitivity to gradient rounding: with the default 1e-8 a near-zero
 # gradient entry (sum of cancelling terms) turns reduction-order noise of 1e-9 into a 1e-3
 # relative change of its update; with 1e-4 any layout difference above 1e-7 is a real bug.
-SETTINGS = dict(lr=1e-2, clip_grad=1.0, weight_decay=0.01, adam_eps=1e-4)
+SETTINGS = dict(lr=1e-2, clip_grad=1.0, weight_decay=0.01, eps=1e-4)
 
 
 def _optimizer(chunks, distributed=True, dtype=torch.float32):
-    from mopd_megatron.training.optimizer import OptimSettings, build_optimizer, wrap_ddp
-    settings = OptimSettings(distributed=distributed, **SETTINGS)
+    from mopd_megatron.config import OptimizerConfig
+    from mopd_megatron.training.optimizer import build_optimizer, wrap_ddp
+    settings = OptimizerConfig(distributed_optimizer=distributed, **SETTINGS)
     ddp = wrap_ddp(chunks, settings)
-    optimizer, scheduler = build_optimizer(ddp, settings, dtype)
+    optimizer, scheduler = build_optimizer(ddp, settings, 1, dtype)
     return ddp, optimizer, scheduler
 
 
@@ -33,8 +34,9 @@ def _dp_slice(batches):
 def _step(ddp, optimizer, scheduler, hf, batches):
     from mopd_megatron.training.losses import masked_token_ce
     from mopd_megatron.training.step import train_step
+    from megatron.core import parallel_state as ps
     result = train_step(ddp, optimizer, scheduler, _dp_slice(batches), masked_token_ce,
-                        vocab_size=hf.vocab_size)
+                        vocab_size=hf.vocab_size, tp_rank=ps.get_tensor_model_parallel_rank())
     assert result.ok
     return result.grad_norm
 
@@ -110,7 +112,7 @@ def _bf16_step(rank, world_size):
     losses = []
     for _ in range(3):
         r = train_step(ddp, opt, sch, microbatches(n=2, b=2, seed=0), masked_token_ce,
-                       vocab_size=hf.vocab_size)
+                       vocab_size=hf.vocab_size, tp_rank=ps.get_tensor_model_parallel_rank())
         total = sum(float(m["loss_sum"]) for m in r.metrics)
         count = sum(float(m["tokens"]) for m in r.metrics)
         losses.append(total / count)
@@ -127,12 +129,14 @@ def test_bf16_forward_backward_trains():
 
 def _wsd_lrs(rank, world_size):
     """The learning rate of 12 optimizer steps under the wsd schedule."""
-    from mopd_megatron.training.optimizer import OptimSettings, build_optimizer, wrap_ddp
+    from mopd_megatron.config import OptimizerConfig
+    from mopd_megatron.training.optimizer import build_optimizer, wrap_ddp
     _, hf, chunks = build(tiny_config(ARCH), seed=3)
-    settings = OptimSettings(lr=1e-2, min_lr=1e-3, warmup_steps=2, decay_steps=12,
-                             decay_style="wsd", wsd_decay_steps=4, distributed=False)
+    # 12 optimizer steps, the last third (4 steps) decaying
+    settings = OptimizerConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2, schedule="wsd",
+                               decay_fraction=1 / 3, distributed_optimizer=False)
     ddp = wrap_ddp(chunks, settings)
-    opt, sch = build_optimizer(ddp, settings, torch.float32)
+    opt, sch = build_optimizer(ddp, settings, 12, torch.float32)
     lrs = []
     for _ in range(12):
         sch.step(1)

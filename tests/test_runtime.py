@@ -39,7 +39,8 @@ def _compat_scenario(rank, world_size):
     from megatron_helpers import build, microbatches, tiny_config
 
     from mopd_megatron.training.losses import masked_token_ce
-    from mopd_megatron.training.optimizer import OptimSettings, build_optimizer, wrap_ddp
+    from mopd_megatron.config import OptimizerConfig
+    from mopd_megatron.training.optimizer import build_optimizer, wrap_ddp
     from mopd_megatron.training.step import train_step
     _, hf, chunks = build(tiny_config("LlamaForCausalLM"), pp=2)
     torch.manual_seed(0)
@@ -47,11 +48,11 @@ def _compat_scenario(rank, world_size):
     with tensor_parallel.get_cuda_rng_tracker().fork():
         torch.rand(3)
     assert torch.equal(torch.get_rng_state(), before), "RNG tracker fork leaked"
-    settings = OptimSettings(lr=1e-3)
+    settings = OptimizerConfig(lr=1e-3)
     ddp = wrap_ddp(chunks, settings)
-    optimizer, scheduler = build_optimizer(ddp, settings, torch.float32)
+    optimizer, scheduler = build_optimizer(ddp, settings, 1, torch.float32)
     assert train_step(ddp, optimizer, scheduler, microbatches(), masked_token_ce,
-                      vocab_size=hf.vocab_size).ok
+                      vocab_size=hf.vocab_size, tp_rank=0).ok
 
 
 @pytest.mark.slow
@@ -127,11 +128,15 @@ def test_padded_vocab_and_masking():
 
 
 def test_fp8_refused_without_transformer_engine_or_hopper():
-    from mopd_megatron.models.fp8 import FP8Settings, FP8UnavailableError, check_fp8
+    from mopd_megatron.config import ConfigError, FP8Config
+    from mopd_megatron.models.fp8 import FP8UnavailableError, check_fp8
     if torch.cuda.is_available():
         pytest.skip("this check is about machines without a GPU")
     with pytest.raises(FP8UnavailableError, match="model.fp8.enabled=true but no CUDA GPU"):
-        check_fp8(FP8Settings(enabled=True))
-    check_fp8(FP8Settings(enabled=False))  # disabled FP8 is always fine
-    with pytest.raises(ValueError, match="fp8.recipe='mxfp4'"):
-        FP8Settings(recipe="mxfp4")
+        check_fp8(FP8Config(enabled=True))
+    check_fp8(FP8Config(enabled=False))  # disabled FP8 is always fine
+    # Megatron refuses delayed scaling with BF16 first/last layers at model build: the section
+    # refuses it first, naming the field.
+    with pytest.raises(ConfigError, match="model.fp8.first_last_layers_bf16"):
+        FP8Config(enabled=True, recipe="delayed")
+    FP8Config(enabled=True, recipe="delayed", first_last_layers_bf16=False)

@@ -33,7 +33,7 @@ def _overrides(tiny, run, extra=()):
 def record(rank, world, tiny, run, rec_path):
     from mopd_megatron.config import load_recipe
     from mopd_megatron.train import Trainer
-    from mopd_megatron.trainer.replay import RecordingEngine
+    from mopd_megatron.rollout.replay import RecordingEngine
     trainer = Trainer(load_recipe(RECIPE, _overrides(tiny, run)))
     trainer.engine = RecordingEngine(trainer.engine, rec_path)
     try:
@@ -45,7 +45,7 @@ def record(rank, world, tiny, run, rec_path):
 def replay(rank, world, tiny, run, rec_path, layout):
     from mopd_megatron.config import load_recipe
     from mopd_megatron.train import Trainer
-    from mopd_megatron.trainer.replay import ReplayEngine
+    from mopd_megatron.rollout.replay import ReplayEngine
     extra = [f"parallel.{k}={v}" for k, v in layout.items()] + ["rollout.engine=sglang"]
     trainer = Trainer(load_recipe(RECIPE, _overrides(tiny, run, extra)), engine=ReplayEngine(rec_path))
     try:

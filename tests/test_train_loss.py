@@ -55,7 +55,8 @@ def check_against_reference(rank, world):
     from megatron_helpers import build
     from mopd_megatron.trainer.batch import pack_microbatches
     from mopd_megatron.trainer.loss import make_mopd_loss_fn
-    from mopd_megatron.training.optimizer import OptimSettings, wrap_ddp
+    from mopd_megatron.config import OptimizerConfig
+    from mopd_megatron.training.optimizer import wrap_ddp
     from mopd_megatron.training.schedule import forward_backward
     _, hf, chunks = build(tiny_config("Qwen2ForCausalLM"))
     batch = synthetic_batch()
@@ -82,7 +83,7 @@ def check_against_reference(rank, world):
     ref_grad = model.output_layer.weight.grad.double().clone()
     model.zero_grad(set_to_none=True)
     # Trainer path: two micro-batches of two sequences, global-count normalisation by Megatron.
-    ddp = wrap_ddp(chunks, OptimSettings(distributed=False))
+    ddp = wrap_ddp(chunks, OptimizerConfig(distributed_optimizer=False))
     mbs = pack_microbatches(batch, list(range(len(batch))), 2, pad_id=0)
     for mb in mbs:
         for r, i in enumerate(mb["index"]):
@@ -92,7 +93,7 @@ def check_against_reference(rank, world):
                                is_variant="icepop", tis_cap=2.0, log_entropy=False)
     for c in ddp:
         c.zero_grad_buffer()
-    out = forward_backward(ddp, mbs, make_mopd_loss_fn(loss_cfg, ALPHA, 1.0, None), vocab_size=VOCAB)
+    out = forward_backward(ddp, mbs, make_mopd_loss_fn(loss_cfg, ALPHA, 1.0, None), vocab_size=VOCAB, tp_rank=0)
     loss = sum(float(m["loss_sum"]) for m in out) / sum(float(m["units"]) for m in out)
     grad = ddp[0].module.output_layer.weight.main_grad.double()
     masked = sum(float(m["is_masked_frac"] * m["response_tokens"]) for m in out)

@@ -186,23 +186,23 @@ def smoothed_ce(vocab_size: int, eps: float):
 def train_model(hf: dict, rows: list[dict], tokenizer, steps: int, s: DemoSettings, seed: int,
                 out_dir: Path, label_smoothing: float, log_every: int = 200) -> None:
     import torch
-    from mopd_megatron.models.builder import BuildOptions, build_model_chunks
+    from mopd_megatron.config import OptimizerConfig, ParallelConfig
+    from mopd_megatron.models.builder import build_model_chunks
     from mopd_megatron.models.hf_config import load_hf_config
     from mopd_megatron.runtime import set_seed
     from mopd_megatron.training import dist_ckpt
-    from mopd_megatron.training.optimizer import OptimSettings, build_optimizer, wrap_ddp
+    from mopd_megatron.training.optimizer import build_optimizer, wrap_ddp
     from mopd_megatron.training.step import train_step
     set_seed(seed)
     h = load_hf_config(hf)
-    settings = OptimSettings(lr=s.lr, min_lr=s.lr * 0.1, adam_beta2=0.98, warmup_steps=20,
-                             decay_steps=steps, decay_style="cosine", distributed=False,
-                             clip_grad=1.0)
-    chunks = wrap_ddp(build_model_chunks(h, BuildOptions(dtype="fp32")), settings)
-    opt, sched = build_optimizer(chunks, settings, torch.float32)
+    settings = OptimizerConfig(lr=s.lr, min_lr=s.lr * 0.1, betas=(0.9, 0.98), warmup_steps=20,
+                               schedule="cosine", distributed_optimizer=False, clip_grad=1.0)
+    chunks = wrap_ddp(build_model_chunks(h, ParallelConfig(), dtype="fp32"), settings)
+    opt, sched = build_optimizer(chunks, settings, steps, torch.float32)
     t0 = time.time()
     for i, mbs in enumerate(sft_batches(rows, tokenizer, s.batch, steps, seed)):
         res = train_step(chunks, opt, sched, mbs, smoothed_ce(h.vocab_size, label_smoothing),
-                         vocab_size=h.vocab_size)
+                         vocab_size=h.vocab_size, tp_rank=0)  # one process
         if (i + 1) % log_every == 0 or i + 1 == steps:
             m = res.metrics[0]
             print(f"  sft {out_dir.name}: step {i + 1}/{steps} nll "

@@ -65,18 +65,13 @@ class VerifierSpec:
 
 @dataclass
 class RewardConfig:
-    """Outcome rewards (ORM) per domain and their weight in the advantage."""
+    """Outcome rewards (ORM) per domain and the GRPO advantage A_ORM made from them (its
+    weight in the MOPD advantage is ``loss.alpha``)."""
 
     SECTION: ClassVar[str] = "reward"
 
     verifiers: dict[str, VerifierSpec] = doc(help="Verifier per data domain.")
-    alpha: float = doc(
-        1.0, "Weight of the GRPO outcome advantage: A_t = sg[log pi_dom - log pi_theta] + "
-             "alpha * A_ORM. 0 is pure distillation (no reward needed beyond metrics).")
     grpo_std_normalize: bool = doc(True, "Divide the group advantage by the group's reward std.")
-
-    def __post_init__(self):
-        check(self.alpha >= 0, self, "alpha", "must be >= 0")
 
 
 @dataclass
@@ -91,6 +86,9 @@ class LossConfig:
 
     SECTION: ClassVar[str] = "loss"
 
+    alpha: float = doc(
+        1.0, "Weight of the GRPO outcome advantage: A_t = sg[log pi_dom - log pi_theta] + "
+             "alpha * A_ORM. 0 is pure distillation (no reward needed beyond metrics).")
     eps_low: float = doc(0.5, "Lower bound of the accepted ratio pi_theta/mu (IcePop: 0.5).")
     eps_high: float = doc(5.0, "Upper bound of the accepted ratio pi_theta/mu (IcePop: 5).")
     is_variant: Literal["icepop", "tis", "none"] = doc(
@@ -103,6 +101,7 @@ class LossConfig:
     log_entropy: bool = doc(False, "Report the student's token entropy (one extra pass over logits).")
 
     def __post_init__(self):
+        check(self.alpha >= 0, self, "alpha", "must be >= 0")
         check(self.eps_low >= 0, self, "eps_low", "must be >= 0")
         # Ratio 1 (exactly on-policy) must always be accepted, or fresh samples would be masked.
         check(self.eps_low <= 1.0, self, "eps_low", "must be <= 1 so ratio 1 is never masked")

@@ -13,7 +13,14 @@ import types
 import typing
 from typing import Any, Literal, Union
 
-__all__ = ["ConfigError", "doc", "check", "from_data", "field_docs", "close_matches"]
+__all__ = ["ConfigError", "doc", "check", "from_data", "field_docs", "close_matches",
+           "MOVED_FIELDS", "unknown_key_reason"]
+
+# Fields that moved to another section: old dotted path -> new one. A recipe (or --set) still
+# using the old path gets an error that says where the field lives now.
+MOVED_FIELDS = {
+    "reward.alpha": "loss.alpha",  # the ORM weight is a term of the loss's advantage
+}
 
 
 class ConfigError(ValueError):
@@ -68,6 +75,16 @@ def field_docs(cls: type, prefix: str | None = None) -> list[tuple[str, str, Any
                    f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
         rows.append((path, _type_name(tp), default, f.metadata.get("help", "")))
     return rows
+
+
+def unknown_key_reason(path: str, key: str, options: typing.Iterable[str],
+                       what: str = "unknown key") -> str:
+    """The reason for an unknown ``key`` at dotted ``path``: where a moved field lives now, or
+    the close matches among ``options``."""
+    if path in MOVED_FIELDS:
+        return (f"{what}: {path} moved to {MOVED_FIELDS[path]}; set {MOVED_FIELDS[path]} "
+                f"instead")
+    return what + close_matches(key, options)
 
 
 def close_matches(name: str, options: typing.Iterable[str]) -> str:
@@ -175,7 +192,7 @@ def _section_from_data(cls: type, data: Any, path: str, locate) -> Any:
     for key in data:
         if key not in fields:
             kpath = f"{path}.{key}" if path else str(key)
-            raise ConfigError(kpath, data[key], "unknown key" + close_matches(str(key), fields),
+            raise ConfigError(kpath, data[key], unknown_key_reason(kpath, str(key), fields),
                               locate(kpath))
     kwargs = {}
     for name, f in fields.items():

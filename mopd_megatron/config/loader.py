@@ -12,7 +12,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from .base import ConfigError, close_matches, from_data
+from .base import ConfigError, from_data, unknown_key_reason
 from .recipe import MOPDConfig
 
 __all__ = ["load_recipe", "config_from_dict", "parse_override", "RecipeLoader"]
@@ -94,7 +94,8 @@ def _apply_override(data: dict, key: str, value: Any, origin: str) -> str:
         if dataclasses.is_dataclass(tp):
             names = [f.name for f in dataclasses.fields(tp)]
             if part not in names:
-                raise ConfigError(here, value, "unknown field" + close_matches(part, names), origin)
+                raise ConfigError(here, value, unknown_key_reason(here, part, names, "unknown field"),
+                                  origin)
             tp = typing.get_type_hints(tp)[part]
             slot: Any = part
         elif origin_tp is list:

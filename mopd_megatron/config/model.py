@@ -11,15 +11,23 @@ __all__ = ["FP8Config", "ModelConfig", "TeacherConfig"]
 
 @dataclass
 class FP8Config:
-    """FP8 training through Transformer Engine (GPU only; refused where TE is missing)."""
+    """FP8 training through Transformer Engine (GPU only; refused at start where it cannot run).
+
+    Each field maps onto the Megatron ``TransformerConfig`` field of the same meaning
+    (models/builder.py::fp8_transformer_kwargs is the one place that maps them)."""
 
     SECTION: ClassVar[str] = "model.fp8"
 
-    enabled: bool = doc(False, "Train the student's linear layers in FP8 (needs Transformer Engine).")
+    enabled: bool = doc(False, "Train the student's linear layers in FP8 (needs Transformer Engine "
+                               "and a Hopper or newer GPU). Teachers score in model.dtype.")
     format: Literal["e4m3", "hybrid"] = doc(
-        "hybrid", "e4m3 everywhere, or hybrid: e4m3 forward, e5m2 gradients.")
+        "hybrid", "e4m3 everywhere, or hybrid: e4m3 forward, e5m2 gradients (TransformerConfig.fp8).")
     recipe: Literal["delayed", "tensorwise", "blockwise"] = doc(
-        "delayed", "Scaling recipe: delayed (amax history), tensorwise (current), blockwise.")
+        "tensorwise", "Scaling recipe (TransformerConfig.fp8_recipe): tensorwise (current scaling), "
+                      "blockwise (1x128 / 128x128 scales), delayed (amax history; cannot keep "
+                      "first/last layers in BF16).")
+    param: bool = doc(False, "Keep the student's GEMM weights in FP8 (TransformerConfig.fp8_param): "
+                             "less memory, and FP8 all-gathers with the distributed optimizer.")
     first_last_layers_bf16: bool = doc(
         True, "Keep the first/last transformer layers in BF16 (they are the most FP8-sensitive).")
     num_layers_at_start_in_bf16: int = doc(1, "Layers kept in BF16 at the start of the stack.")
@@ -28,6 +36,11 @@ class FP8Config:
     def __post_init__(self):
         check(self.num_layers_at_start_in_bf16 >= 0, self, "num_layers_at_start_in_bf16", "must be >= 0")
         check(self.num_layers_at_end_in_bf16 >= 0, self, "num_layers_at_end_in_bf16", "must be >= 0")
+        if self.enabled:
+            # Megatron refuses this pair when it builds the model; say so before anything runs.
+            check(not (self.first_last_layers_bf16 and self.recipe == "delayed"), self,
+                  "first_last_layers_bf16", "delayed scaling cannot keep the first/last layers "
+                  "in BF16: use model.fp8.recipe=tensorwise or blockwise, or set this false")
 
 
 @dataclass

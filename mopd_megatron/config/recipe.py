@@ -27,7 +27,7 @@ class MOPDConfig:
     model: ModelConfig = doc(help="The student.")
     teachers: list[TeacherConfig] = doc(help="Frozen domain teachers.")
     data: DataConfig = doc(help="Prompt datasets.")
-    reward: RewardConfig = doc(help="Verifiers and the ORM weight.")
+    reward: RewardConfig = doc(help="Verifiers and the GRPO outcome advantage.")
     rollout: RolloutConfig = doc(help="Rollout engine.", factory=RolloutConfig)
     loss: LossConfig = doc(help="MOPD surrogate.", factory=LossConfig)
     optimizer: OptimizerConfig = doc(help="Optimizer and schedule.", factory=OptimizerConfig)
@@ -114,10 +114,10 @@ class MOPDConfig:
 
     def _check_batches(self, world_size: int | None) -> None:
         par, opt = self.parallel, self.optimizer
-        if self.reward.alpha > 0 and self.rollout.n_samples_per_prompt < 2:
+        if self.loss.alpha > 0 and self.rollout.n_samples_per_prompt < 2:
             raise ConfigError("rollout.n_samples_per_prompt", self.rollout.n_samples_per_prompt,
-                              "the GRPO outcome advantage (reward.alpha > 0) needs >= 2 samples "
-                              "per prompt; set reward.alpha=0 for pure distillation")
+                              "the GRPO outcome advantage (loss.alpha > 0) needs >= 2 samples "
+                              "per prompt; set loss.alpha=0 for pure distillation")
         need = par.global_batch_size * opt.steps_per_rollout
         if self.rollout_batch_size != need:
             raise ConfigError(
@@ -138,9 +138,19 @@ class MOPDConfig:
                               f"{par.micro_batch_size} x {dp} (world size {world_size})")
 
     def _check_paths(self) -> None:
+        errors = self.path_errors()
+        if errors:
+            raise errors[0]
+
+    def path_errors(self) -> list[ConfigError]:
+        """Every input path that does not exist, each as a located ConfigError."""
+        out: list[ConfigError] = []
+        locate = getattr(self, "_locate", None)
+
         def exists(path: str | None, field: str) -> None:
             if path is not None and not os.path.exists(path):
-                raise ConfigError(field, path, "path does not exist")
+                e = ConfigError(field, path, "path does not exist")
+                out.append(e.located(locate(field) if locate else None))
         exists(self.model.hf_config, "model.hf_config")
         exists(self.model.checkpoint, "model.checkpoint")
         exists(self.model.tokenizer, "model.tokenizer")
@@ -153,6 +163,7 @@ class MOPDConfig:
             exists(p, f"data.eval_paths[{i}]")
         if self.checkpoint.resume not in ("auto", "none"):
             exists(self.checkpoint.resume, "checkpoint.resume")
+        return out
 
     # --- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

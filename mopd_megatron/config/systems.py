@@ -16,6 +16,15 @@ TRAINER_OWNED_SERVER_FLAGS = frozenset({
     "--mem-fraction-static", "--max-total-tokens", "--enable-memory-saver"})
 
 
+# Why rollout.top_p / rollout.top_k are refused (the fields stay so a recipe may spell out 1 / -1).
+TRUNCATION_REFUSED = (
+    "{} truncates the sampling distribution, which MOPD does not support: the engine's log mu "
+    "is the log-prob under the untruncated tempered distribution, not under the truncated one "
+    "the tokens are drawn from, so the importance weight pi_theta/mu would not be the "
+    "behaviour-policy ratio; sample untruncated (top_p 1, top_k -1) and lower "
+    "rollout.temperature instead")
+
+
 @dataclass
 class RolloutConfig:
     """Sampling y ~ mu with log mu(y_t) from SGLang engines."""
@@ -32,13 +41,23 @@ class RolloutConfig:
                      "at rollout.external_urls.")
     external_urls: list[str] = doc(help="Server base URLs for mode=external (http://host:port).",
                                    factory=list)
-    num_engines: int = doc(1, "Engine servers to launch (dedicated mode); colocated launches one "
-                              "per rollout.server_tp_size training GPUs.")
+    num_engines: int = doc(1, "Engine servers of a dedicated mode: on the launcher's engine "
+                              "nodes (Slurm), or launched by global rank 0 outside Slurm.")
+    engines_per_node: int | None = doc(
+        None, "colocated: engines on every training node, each on server_tp_size of the node's "
+              "GPUs and started by the node's local rank 0; null: GPUs per node / "
+              "server_tp_size on GPU, 1 on CPU.")
     n_samples_per_prompt: int = doc(8, "Responses sampled per prompt (the GRPO group size).")
-    temperature: float = doc(1.0, "Sampling temperature; log mu and log pi_theta are both taken at "
-                                  "this temperature.")
-    top_p: float = doc(1.0, "Nucleus sampling mass (1 disables).")
-    top_k: int = doc(-1, "Top-k sampling (-1 disables).")
+    temperature: float = doc(
+        1.0, "Sampling temperature T. log mu, log pi_theta and the teachers' log pi_dom are all "
+             "log softmax(logits / T) at this T, so a teacher equal to the student gives a zero "
+             "teacher advantage at any temperature.")
+    top_p: float = doc(
+        1.0, "Nucleus sampling mass; must stay 1 (untruncated): log mu from the engine is the "
+             "untruncated tempered distribution, so with truncation w = pi_theta/mu would not be "
+             "the behaviour ratio.")
+    top_k: int = doc(
+        -1, "Top-k sampling; must stay -1 (untruncated), for the same reason as rollout.top_p.")
     max_new_tokens: int = doc(1024, "Maximum response length in tokens.")
     concurrency: int = doc(256, "In-flight generate requests per engine.")
     samples_per_request: int = doc(
@@ -82,11 +101,17 @@ class RolloutConfig:
             check(len(self.external_urls) == 0, self, "external_urls",
                   f"only used with mode=external (mode is {self.mode!r})")
         check(self.num_engines >= 1, self, "num_engines", "must be >= 1")
+        check(self.engines_per_node is None or self.engines_per_node >= 1, self,
+              "engines_per_node", "must be >= 1 or null")
         check(self.n_samples_per_prompt >= 1, self, "n_samples_per_prompt", "must be >= 1")
         check(self.temperature > 0, self, "temperature", "must be > 0 (on-policy sampling needs a "
               "proper distribution mu)")
+        # Truncated sampling draws from a renormalised distribution, but the engine reports
+        # log mu of the untruncated tempered one: w = pi_theta/mu would be the wrong ratio.
         check(0 < self.top_p <= 1, self, "top_p", "must be in (0, 1]")
+        check(self.top_p == 1.0, self, "top_p", TRUNCATION_REFUSED.format("top_p < 1 (nucleus sampling)"))
         check(self.top_k == -1 or self.top_k >= 1, self, "top_k", "must be -1 or >= 1")
+        check(self.top_k == -1, self, "top_k", TRUNCATION_REFUSED.format("top_k >= 1 (top-k sampling)"))
         check(self.max_new_tokens >= 1, self, "max_new_tokens", "must be >= 1")
         check(self.concurrency >= 1, self, "concurrency", "must be >= 1")
         check(self.samples_per_request >= 1, self, "samples_per_request", "must be >= 1")
@@ -125,10 +150,18 @@ class ParallelConfig:
     vpp: int | None = doc(None, "Virtual pipeline stages per rank (interleaved schedule); null = off.")
     micro_batch_size: int = doc(1, "Sequences per micro-batch.")
     global_batch_size: int = doc(64, "Sequences per optimizer step, over all data-parallel ranks.")
-    sequence_parallel: bool = doc(False, "Megatron sequence parallelism (needs tp > 1 and "
-                                         "Transformer Engine norms).")
-    recompute: Literal["none", "selective", "full"] = doc("none", "Activation recomputation.")
-    overlap_p2p_comm: bool = doc(True, "Overlap pipeline send/recv with compute; required with vpp.")
+    sequence_parallel: bool = doc(False, "Megatron sequence parallelism "
+                                         "(TransformerConfig.sequence_parallel): activations "
+                                         "outside attention/MLP split over TP ranks. Needs tp > 1 "
+                                         "and Transformer Engine norms (GPU).")
+    recompute: Literal["none", "selective", "full"] = doc(
+        "none", "Activation recomputation of the student (TransformerConfig.recompute_granularity; "
+                "full recomputes every layer, one at a time). Teachers run forward-only.")
+    overlap_p2p_comm: bool = doc(
+        True, "Pipeline send/recv as separate isend/irecv, overlapped with compute in the "
+              "interleaved schedule (TransformerConfig.overlap_p2p_comm, vpp only; required "
+              "there); false batches them instead (TransformerConfig.batch_p2p_comm, "
+              "Megatron-LM's pairing).")
 
     def __post_init__(self):
         check(self.tp >= 1, self, "tp", "must be >= 1")

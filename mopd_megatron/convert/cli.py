@@ -37,8 +37,9 @@ def hf_to_megatron_main(argv=None) -> int:
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                    help="parameter dtype in the checkpoint (default bf16)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                   help="vocabulary padding multiple per TP rank "
-                        "(model.make_vocab_size_divisible_by)")
+                   help="vocabulary padding multiple (the trainer builds with 128, "
+                        "models/builder.py MAKE_VOCAB_SIZE_DIVISIBLE_BY; keep it for checkpoints "
+                        "that mopd train loads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     return _run(convert_hf_to_megatron, hf_dir=a.hf_dir, out_dir=a.out, tp=a.tp, pp=a.pp,

@@ -64,16 +64,14 @@ def _gather_tp(item: Item, p: torch.nn.Parameter, tp_group, tp: int) -> torch.Te
     return item.row.mapping.gather_tp(shards, p.partition_dim)
 
 
-def export_hf_weights(chunks: list, hf_cfg: HFModelConfig,
+def export_hf_weights(chunks: list, hf_cfg: HFModelConfig, layout,
                       bucket_mb: float = 512) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield buckets (lists of ``(hf_name, tensor)``, ~``bucket_mb`` MiB each) covering exactly
-    the HF checkpoint's tensors, in HF order. Collective over the whole job (see module doc)."""
-    from megatron.core import parallel_state as ps
-
+    the HF checkpoint's tensors, in HF order. Collective over the whole job (see module doc):
+    ``layout`` (runtime.Layout) gives this rank's TP and PP groups and pipeline stage."""
     from ..runtime import device
-    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    tp_group = ps.get_tensor_model_parallel_group()
-    pp_group = ps.get_pipeline_model_parallel_group()
+    tp, pp = layout.tp, layout.pp
+    tp_group, pp_group = layout.tp_group, layout.pp_group
     todo = items(hf_cfg)
     wanted = {(it.key, it.layer) for it in todo}
     local = local_parameters(chunks)
@@ -97,7 +95,7 @@ def export_hf_weights(chunks: list, hf_cfg: HFModelConfig,
                               f"{missing}")
     emb_rows = owner[("embedding.word_embeddings.weight", None)][1][0]
     ctx = context(hf_cfg, padded_vocab=emb_rows)
-    my_stage = ps.get_pipeline_model_parallel_rank()
+    my_stage = layout.pp_rank
 
     limit = bucket_mb * 2**20
     bucket, used = [], 0

@@ -17,6 +17,7 @@ from typing import Sequence
 from ..config import ConfigError, MOPDConfig, load_recipe
 from ..plan.advice import suggest
 from ..plan.arch import PlanError
+from ..plan.build import describe_build
 from ..plan.cli import engine_nodes, format_plan, inputs_from_config
 from ..plan.memory import Plan, plan_memory
 
@@ -74,13 +75,14 @@ def place(cfg: MOPDConfig, hosts: list[str], gpus_per_node: int, tasks_per_node:
     elif ro.mode == "external":
         desc = f"external servers: {', '.join(ro.external_urls)}"
     elif ro.mode == "colocated":
-        if gpu:
-            per_node = max(1, gpus_per_node // ro.server_tp_size)
-            desc = (f"colocated: {per_node} SGLang engine(s) per training node (server_tp_size="
-                    f"{ro.server_tp_size}), {per_node * len(train)} in all, started by the trainer; "
-                    f"mem_fraction_static={ro.mem_fraction_static}")
-        else:
-            desc = "colocated: SGLang engines on the CPU, started by the trainer"
+        from ..rollout.placement import colocated_placement, engines_per_node, format_placement
+        per_node = engines_per_node(ro, gpus_per_node)
+        where = colocated_placement(ro, len(train), ranks_per_node, gpus_per_node)
+        desc = (f"colocated: {per_node} SGLang engine(s) per training node (server_tp_size="
+                f"{ro.server_tp_size}), {per_node * len(train)} in all, started by each node's "
+                f"local rank 0; mem_fraction_static={ro.mem_fraction_static}"
+                + "".join(f"\n           {line} [{h}]"
+                          for h, line in zip(train, format_placement(where))))
     else:
         per_node = gpus_per_node // ro.server_tp_size
         for h in eng:
@@ -134,6 +136,7 @@ def describe(cfg: MOPDConfig, p: Placement, plan: Plan | None, args: argparse.Na
         f"layout     TP={p.tp} PP={p.pp} DP={p.dp}",
         f"master     {p.train_hosts[0]}",
         f"engines    {p.engines}",
+        describe_build(cfg),
     ]
     if plan is None:
         lines.append("memory     skipped: no GPUs (MOPD_GPUS_PER_NODE=0)")

@@ -1,37 +1,24 @@
-"""Build Megatron GPTModel chunks for this rank from an HF model config.
+"""Build Megatron GPTModel chunks for this rank from an HF model config and the recipe's sections.
 
-Model code here is layout-agnostic: it reads the TP/PP sizes Megatron's parallel state already
-holds and never creates process groups.
+One road from recipe to model: ``transformer_config`` takes the ``parallel`` and ``model.fp8``
+sections themselves (no mirror types), so every field the recipe sets for the model lands in
+Megatron's ``TransformerConfig`` here, and the same function serves ``--dry-run`` (no process
+group, no weights) and the run. Model code never creates process groups.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..runtime import have_transformer_engine
-from .fp8 import FP8Settings, check_fp8
+from .fp8 import check_fp8
 from .hf_config import HFModelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """How to instantiate an architecture on this rank (dtypes, memory/compute trade-offs)."""
-
-    dtype: str = "fp32"
-    make_vocab_size_divisible_by: int = 128
-    recompute: str | None = None  # None, "selective" or "full"
-    fp8: FP8Settings = field(default_factory=FP8Settings)
-    use_te: bool | None = None  # None: Transformer Engine spec whenever TE can run
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype={self.dtype!r}: expected one of {sorted(DTYPES)}")
-        if self.recompute not in (None, "selective", "full"):
-            raise ValueError(f"model.recompute={self.recompute!r}: expected none, selective or full")
+# Megatron-LM's default; the padded size does not depend on TP (see padded_vocab_size).
+MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -63,61 +50,88 @@ def _layer_spec(hf: HFModelConfig, use_te: bool):
     return specs.get_gpt_layer_local_spec(qk_layernorm=hf.qk_layernorm, normalization="RMSNorm")
 
 
-def transformer_config(hf: HFModelConfig, opts: BuildOptions, **overrides):
-    """Megatron TransformerConfig for ``hf`` under the current parallel state."""
-    from megatron.core import parallel_state as ps
+def fp8_transformer_kwargs(fp8) -> dict[str, Any]:
+    """``model.fp8`` (an FP8Config section) -> TransformerConfig fields; {} when disabled."""
+    if fp8 is None or not fp8.enabled:
+        return {}
+    return dict(fp8=fp8.format, fp8_recipe=fp8.recipe, fp8_param=fp8.param,
+                first_last_layers_bf16=fp8.first_last_layers_bf16,
+                num_layers_at_start_in_bf16=fp8.num_layers_at_start_in_bf16,
+                num_layers_at_end_in_bf16=fp8.num_layers_at_end_in_bf16)
+
+
+def transformer_config(hf: HFModelConfig, parallel, *, dtype: str, fp8=None,
+                       frozen: bool = False, **overrides):
+    """Megatron TransformerConfig for ``hf`` in the layout of ``parallel`` (a ParallelConfig
+    section), with ``dtype`` (model.dtype) and ``fp8`` (the model.fp8 section).
+
+    ``frozen``: a forward-only teacher. It gets no FP8 (its log-probs are the distillation
+    target, scored in ``dtype``) and no recompute (there is no backward to save memory for).
+    Needs no process group and allocates nothing: --dry-run prints what it returns.
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
-    dtype = DTYPES[opts.dtype]
-    pp = ps.get_pipeline_model_parallel_world_size()
-    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    torch_dtype = DTYPES[dtype]
+    recompute = None if frozen or parallel.recompute == "none" else parallel.recompute
     kw = hf.transformer_config_kwargs()
     kw.update(
-        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
-        params_dtype=dtype, pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=torch_dtype, pipeline_dtype=torch_dtype,
+        bf16=torch_dtype == torch.bfloat16, fp16=torch_dtype == torch.float16,
         use_cpu_initialization=not torch.cuda.is_available(),
         gradient_accumulation_fusion=False,  # needs Apex's fused wgrad kernels
-        sequence_parallel=False,
-        # p2p without batch sync avoids a device synchronise per exchange; with virtual PP the
-        # default (batched, non-overlapped) exchange gives wrong results on megatron-core 0.16,
-        # the overlapped one matches the non-interleaved schedule.
+        # p2p without batch sync avoids a device synchronise per exchange. Overlapped p2p uses
+        # separate isend/irecv; without it they are batched, as Megatron-LM pairs the two. Only
+        # the interleaved schedule overlaps (the 1F1B one refuses the flag), and with virtual PP
+        # the batched exchange gives wrong results on megatron-core 0.16 (config validation
+        # requires overlap there).
         batch_p2p_sync=False,
-        batch_p2p_comm=False,
-        overlap_p2p_comm=vpp is not None,
+        overlap_p2p_comm=parallel.overlap_p2p_comm and parallel.vpp is not None,
+        batch_p2p_comm=not parallel.overlap_p2p_comm,
         calculate_per_token_loss=True,  # the loss normalises by global counts (see training/)
-        recompute_granularity=opts.recompute,
-        recompute_method="uniform" if opts.recompute == "full" else None,
-        recompute_num_layers=1 if opts.recompute == "full" else None,
-        **opts.fp8.transformer_config_kwargs(),
+        recompute_granularity=recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
+        **({} if frozen else fp8_transformer_kwargs(fp8)),
     )
     kw.update(overrides)
     return TransformerConfig(**kw)
 
 
-def build_model_chunks(hf: HFModelConfig, opts: BuildOptions | None = None,
+def build_model_chunks(hf: HFModelConfig, parallel, *, dtype: str, fp8=None,
+                       frozen: bool = False, use_te: bool | None = None,
                        **config_overrides) -> list:
-    """This rank's GPTModel chunk(s): one per virtual pipeline stage (one without VPP)."""
+    """This rank's GPTModel chunk(s): one per virtual pipeline stage (one without VPP).
+
+    Megatron's parallel state must already hold the layout of ``parallel`` (runtime.init_runtime).
+    ``use_te``: the Transformer Engine layer spec; None: whenever TE can run here.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_model import GPTModel
-    opts = opts or BuildOptions()
-    check_fp8(opts.fp8)
-    use_te = have_transformer_engine() if opts.use_te is None else opts.use_te
-    if opts.fp8.enabled and not use_te:
-        raise ValueError("model.fp8.enabled=true needs the Transformer Engine layer spec "
-                         "(model.use_te must not be false)")
-    config = transformer_config(hf, opts, **config_overrides)
+    fp8 = None if frozen else fp8
+    if fp8 is not None:
+        check_fp8(fp8)
+    use_te = have_transformer_engine() if use_te is None else use_te
+    if fp8 is not None and fp8.enabled and not use_te:
+        raise ValueError("model.fp8.enabled=true needs the Transformer Engine layer spec")
+    live = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+            ps.get_virtual_pipeline_model_parallel_world_size())
+    if live != (parallel.tp, parallel.pp, parallel.vpp):
+        raise ValueError(f"the process groups hold tp, pp, vpp = {live}, the parallel section "
+                         f"{(parallel.tp, parallel.pp, parallel.vpp)}")
+    config = transformer_config(hf, parallel, dtype=dtype, fp8=fp8, frozen=frozen,
+                                **config_overrides)
     spec = _layer_spec(hf, use_te)
-    tp = ps.get_tensor_model_parallel_world_size()
-    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    vpp = parallel.vpp
     chunks = []
     for stage in range(vpp or 1):
         vp = stage if vpp else None
         chunks.append(GPTModel(
             config=config,
             transformer_layer_spec=spec,
-            vocab_size=padded_vocab_size(hf.vocab_size, opts.make_vocab_size_divisible_by, tp),
+            vocab_size=padded_vocab_size(hf.vocab_size, MAKE_VOCAB_SIZE_DIVISIBLE_BY, parallel.tp),
             max_sequence_length=hf.max_position_embeddings,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),

@@ -1,40 +1,11 @@
-"""FP8 training settings (Transformer Engine), validated before any model is built."""
+"""Whether FP8 training (Transformer Engine) can run on this process, and why not."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
-FORMATS = ("e4m3", "hybrid")
-RECIPES = ("delayed", "tensorwise", "blockwise")
+__all__ = ["FP8UnavailableError", "fp8_unavailable_reason", "check_fp8"]
 
 
 class FP8UnavailableError(RuntimeError):
     pass
-
-
-@dataclass(frozen=True)
-class FP8Settings:
-    """FP8 knobs. ``format``: e4m3 everywhere or hybrid (e4m3 forward, e5m2 gradients);
-    ``recipe``: delayed (amax history), tensorwise (current scaling) or blockwise (1x128 / 128x128
-    scales, DeepSeek-V3 style); ``bf16_first_last``: keep the first and last layers in bf16."""
-
-    enabled: bool = False
-    format: str = "hybrid"
-    recipe: str = "tensorwise"
-    bf16_first_last: bool = True
-    param: bool = False  # keep weights in FP8 (teachers: halves their memory)
-
-    def __post_init__(self):
-        if self.format not in FORMATS:
-            raise ValueError(f"fp8.format={self.format!r}: expected one of {FORMATS}")
-        if self.recipe not in RECIPES:
-            raise ValueError(f"fp8.recipe={self.recipe!r}: expected one of {RECIPES}")
-
-    def transformer_config_kwargs(self) -> dict[str, Any]:
-        if not self.enabled:
-            return {}
-        return dict(fp8=self.format, fp8_recipe=self.recipe, fp8_param=self.param,
-                    first_last_layers_bf16=self.bf16_first_last and self.recipe != "delayed")
 
 
 def fp8_unavailable_reason() -> str | None:
@@ -54,9 +25,9 @@ def fp8_unavailable_reason() -> str | None:
     return None
 
 
-def check_fp8(settings: FP8Settings, field: str = "model.fp8") -> None:
-    """Refuse FP8 with the reason when this machine cannot run it."""
-    if not settings.enabled:
+def check_fp8(fp8, field: str = "model.fp8") -> None:
+    """Refuse an enabled ``FP8Config`` section with the reason when this machine cannot run it."""
+    if not fp8.enabled:
         return
     reason = fp8_unavailable_reason()
     if reason:

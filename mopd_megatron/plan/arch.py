@@ -105,24 +105,29 @@ def check_layout(arch: ArchSpec, tp: int, pp: int, vpp: int | None, what: str) -
         raise PlanError(f"parallel.tp={tp} must divide the FFN width {arch.ffn} of the {what}")
 
 
-def resolve_arch(hf_dir: str | None, what: str) -> ArchSpec:
-    """``config.json`` in ``hf_dir`` if present, else the known config of the same name."""
+def resolve_hf_config(hf_dir: str | None, what: str) -> tuple[HFModelConfig, str]:
+    """(the HF config, where it came from): ``config.json`` in ``hf_dir`` if present, else the
+    known config of the same directory name (a cluster recipe planned without its files)."""
     if hf_dir is None:
         raise PlanError(f"the {what} has no hf_config directory to read its architecture from")
     cfg_file = os.path.join(hf_dir, "config.json")
     if os.path.isfile(cfg_file):
-        return ArchSpec.from_hf(load_hf_config(cfg_file), cfg_file)
+        return load_hf_config(cfg_file), cfg_file
     name = os.path.basename(os.path.normpath(hf_dir))
     table = known_configs()
     if name in table:
-        return ArchSpec.from_hf(load_hf_config(table[name]), f"known config {name!r}")
+        return load_hf_config(table[name]), f"known config {name!r}"
     raise PlanError(f"the {what}'s hf_config {hf_dir!r} has no config.json and its directory "
                     f"name {name!r} is not a known config ({', '.join(sorted(table))}); point it "
                     "at a directory holding the model's config.json")
+
+
+def resolve_arch(hf_dir: str | None, what: str) -> ArchSpec:
+    return ArchSpec.from_hf(*resolve_hf_config(hf_dir, what))
 
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-__all__ = ["ArchSpec", "PlanError", "resolve_arch", "check_layout", "known_configs", "ceil_div"]
+__all__ = ["ArchSpec", "PlanError", "resolve_arch", "resolve_hf_config", "check_layout", "known_configs", "ceil_div"]

@@ -66,7 +66,17 @@ class Sample:
 
 
 class RolloutEngine(abc.ABC):
-    """Generation with log-probs, weight updates and memory control for the training loop."""
+    """Generation with log-probs, weight updates and memory control for the training loop.
+
+    This class declares everything the loop calls; the loop never probes an engine for
+    attributes. Class attributes describe how the loop drives it:
+    ``collective``: every trainer rank calls generate() (in-trainer engines) instead of the
+    driver alone; ``needs_weight_sync``: it samples from a copy of the weights that the loop
+    must update after each optimizer step (false for engines that read the live weights).
+    """
+
+    collective: bool = False
+    needs_weight_sync: bool = True
 
     @abc.abstractmethod
     def generate(self, prompts_token_ids: Sequence[Sequence[int]], n: int,
@@ -97,6 +107,22 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def shutdown(self) -> None:
         """Stop everything this engine started. Safe to call twice."""
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold to resume this engine exactly ({}: nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict returned."""
+
+    def connect_weight_group(self, master_address: str, master_port: int,
+                             backend: str | None = None) -> None:
+        """Join a process group with the trainer through which update_weights broadcasts
+        (engines on other nodes). Engines that share memory with the trainer have none."""
+        raise NotImplementedError(f"{type(self).__name__} has no weight-update group")
+
+    def disconnect_weight_group(self) -> None:
+        """Leave the weight-update group, if connected; safe to call when not connected."""
 
     def __enter__(self):
         return self

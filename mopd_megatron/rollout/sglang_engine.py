@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Sequence
 from .client import ServerClient, ServerError, ServerUnreachable
 from .engine import NamedTensorBucket, RolloutEngine, Sample, SamplingParams
 from .server import RouterSpec, ServerSpec, SGLangRouter, SGLangServer
-from .weight_sync import DistributedWeightSync, SyncStats, push_tensor_buckets
+from .weight_sync import DistributedWeightSync, Handles, SyncStats, push_tensor_buckets
 
 __all__ = ["SGLangEngine", "RolloutError", "server_specs_from_config"]
 
@@ -66,6 +66,7 @@ class SGLangEngine(RolloutEngine):
         self._locks = [threading.Lock() for _ in urls]
         self._epochs = [0] * len(urls)      # bumped on each restart of server i
         self._rr = itertools.count()
+        self.samples_served = [0] * len(urls)   # per server, over the engine's life
         self._api: str | None = None
         self._dist_sync: DistributedWeightSync | None = None
         self.version = "default"
@@ -124,15 +125,24 @@ class SGLangEngine(RolloutEngine):
             raise ValueError(f"generate: n must be >= 1, got {n}")
         self._abort.clear()
         batch = uuid.uuid4().hex[:12]
-        items = [(list(p), pi, si, f"{batch}-{pi}-{si}")
-                 for pi, p in enumerate(prompts_token_ids) for si in range(n)]
+        # A prompt's n samples go to one server (its prefix is cached there once); prompts go
+        # to the server with the fewest tokens assigned so far (prompt + n x max_new_tokens).
+        per_server: list[list] = [[] for _ in self.clients]
+        load = [0] * len(self.clients)
+        for pi, p in enumerate(prompts_token_ids):
+            idx = 0 if self.router_client else min(range(len(load)), key=load.__getitem__)
+            load[idx] += len(p) + n * sampling.max_new_tokens
+            per_server[idx] += [(list(p), pi, si, f"{batch}-{pi}-{si}") for si in range(n)]
         k = self.samples_per_request
-        futures = [self._pool.submit(self._generate_chunk, items[i:i + k], sampling)
-                   for i in range(0, len(items), k)]
-        return [s for f in futures for s in f.result()]
+        futures = [self._pool.submit(self._generate_chunk, items[i:i + k], sampling, idx)
+                   for idx, items in enumerate(per_server) for i in range(0, len(items), k)]
+        out = [s for f in futures for s in f.result()]
+        for idx, items in enumerate(per_server):
+            self.samples_served[idx] += len(items)
+        return sorted(out, key=lambda s: (s.prompt_index, s.sample_index))
 
     def _generate_chunk(self, items: list[tuple[list[int], int, int, str]],
-                        sampling: SamplingParams) -> list[Sample]:
+                        sampling: SamplingParams, server: int | None = None) -> list[Sample]:
         """One request for these samples: the plain form for one, the list form for several."""
         if self._abort.is_set():
             return [Sample(pi, si, p, [], [], "abort", self.version) for p, pi, si, _ in items]
@@ -140,7 +150,7 @@ class SGLangEngine(RolloutEngine):
         single = len(items) == 1
         body = {"input_ids": prompts[0] if single else prompts,
                 "sampling_params": sampling.to_sglang(), "return_logprob": True}
-        out, retries = self.call("/generate", body, rids[0] if single else rids)
+        out, retries = self.call("/generate", body, rids[0] if single else rids, server)
         out = [out] if single else out
         if not isinstance(out, list) or len(out) != len(items):
             raise RolloutError(f"/generate: a batch of {len(items)} samples got "
@@ -148,15 +158,17 @@ class SGLangEngine(RolloutEngine):
                                "answers")
         return [_parse_sample(o, pi, si, p, retries) for o, (p, pi, si, _) in zip(out, items)]
 
-    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
-        """log p(x_t | x_<t) for t = 1..L-1 of each sequence (prompt log-probs, no sampling).
+    def score(self, sequences: Sequence[Sequence[int]],
+              server: int | None = None) -> list[list[float]]:
+        """log p(x_t | x_<t) for t = 1..L-1 of each sequence (prompt log-probs, no sampling),
+        on server index ``server`` (None: any).
 
         Computed from the raw logits (temperature 1): the quantity the trainer computes.
         """
         def one(seq, i):
             body = {"input_ids": list(seq), "return_logprob": True, "logprob_start_len": 0,
                     "sampling_params": {"max_new_tokens": 0, "temperature": 1.0}}
-            out, _ = self.call("/generate", body, f"score-{uuid.uuid4().hex[:12]}-{i}")
+            out, _ = self.call("/generate", body, f"score-{uuid.uuid4().hex[:12]}-{i}", server)
             entries = out["meta_info"]["input_token_logprobs"]
             if len(entries) != len(seq) or [e[1] for e in entries] != list(seq):
                 raise RolloutError(f"score: server returned log-probs for {len(entries)} tokens "
@@ -166,12 +178,13 @@ class SGLangEngine(RolloutEngine):
         futures = [self._pool.submit(one, s, i) for i, s in enumerate(sequences)]
         return [f.result() for f in futures]
 
-    def call(self, path: str, body: dict, rid: str | list[str]) -> tuple[dict | list, int]:
-        """POST body (with rid, or one rid per sample of a batched body) to a server,
-        recovering from dead servers; (answer, retries)."""
+    def call(self, path: str, body: dict, rid: str | list[str],
+             server: int | None = None) -> tuple[dict | list, int]:
+        """POST body (with rid, or one rid per sample of a batched body) to server index
+        ``server`` (None: round robin), recovering from dead servers; (answer, retries)."""
         name = rid if isinstance(rid, str) else f"{rid[0]}..({len(rid)} samples)"
         for attempt in range(self.max_retries + 1):
-            idx = next(self._rr) % len(self.clients)
+            idx = next(self._rr) % len(self.clients) if server is None else server
             client = self.router_client or self.clients[idx]
             epoch = self._epochs[idx]
             try:
@@ -254,13 +267,15 @@ class SGLangEngine(RolloutEngine):
             self._dist_sync = None
 
     def update_weights(self, named_tensor_buckets: Iterable[NamedTensorBucket],
-                       version: str) -> SyncStats:
+                       version: str, handles: Handles | None = None) -> SyncStats:
+        """Load the buckets into every server: over the weight-update group when connected,
+        else through same-node shared storage (``handles``: see push_tensor_buckets)."""
         api = self.weight_update_api()
         if self._dist_sync is not None:
             stats = self._dist_sync.push(named_tensor_buckets, version, api)
         else:
             stats = push_tensor_buckets(self.clients, self.tp_sizes, named_tensor_buckets,
-                                        version, api, self.pause_mode)
+                                        version, api, self.pause_mode, handles)
         self.version = version
         return stats
 

@@ -19,7 +19,7 @@ import datetime
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -89,14 +89,20 @@ def weight_update_session(clients: Sequence[ServerClient], api: str):
             c.post_ok("/post_process_weights", {})
 
 
+# handles(bucket) -> (per server: one serialized handle per server TP rank, release): where the
+# servers' TP ranks map the bucket from; release() runs once every server has loaded it.
+Handles = Callable[[NamedTensorBucket], tuple[list[list[str]], Callable[[], None]]]
+
+
 def push_tensor_buckets(clients: Sequence[ServerClient], tp_sizes: Sequence[int],
                         buckets: Iterable[NamedTensorBucket], version: str, api: str,
-                        pause_mode: str = "retract") -> SyncStats:
-    """Colocated sync: pause, load every bucket into every server, resume.
+                        pause_mode: str = "retract", handles: Handles | None = None) -> SyncStats:
+    """Same-node sync: pause, load every bucket into every server, resume.
 
-    Each server gets the same serialized bucket once per TP rank (each rank maps the shared
-    storage and takes its own shard). Buckets are consumed one at a time, so at most one
-    bucket of extra memory is alive on the trainer side.
+    By default this process serializes each bucket once and every TP rank of every server maps
+    that one copy (each takes its own shard). ``handles`` overrides where each server TP rank
+    maps it from (trainer/sync.py: the copy on that rank's own GPU). Buckets are consumed one
+    at a time, so at most one bucket of extra memory is alive on the trainer side.
     """
     stats, t0 = SyncStats(), time.perf_counter()
     for c in clients:
@@ -104,18 +110,22 @@ def push_tensor_buckets(clients: Sequence[ServerClient], tp_sizes: Sequence[int]
     try:
         with weight_update_session(clients, api):
             for bucket in buckets:
-                blob, shared = serialize_bucket(bucket)
-                for c, tp in zip(clients, tp_sizes):
+                if handles is None:
+                    blob, shared = serialize_bucket(bucket)
+                    per_server, release = [[blob] * tp for tp in tp_sizes], (lambda: None)
+                else:
+                    per_server, release = handles(bucket)
+                for c, blobs in zip(clients, per_server):
                     c.post_ok("/update_weights_from_tensor", {
-                        "serialized_named_tensors": [blob] * tp,
+                        "serialized_named_tensors": blobs,
                         "load_format": "flattened_bucket",
                         "flush_cache": True,  # stale KV from old weights must not be reused
                         "weight_version": version,
                     })
+                release()  # every server copied out of the shared storage: free it
                 stats.buckets += 1
                 stats.tensors += len(bucket)
                 stats.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-                del blob, shared  # every server copied out of the shared storage: free it
     finally:
         for c in clients:
             c.post("/continue_generation", {})

@@ -6,7 +6,8 @@ Nothing outside this package deals with device plumbing: the rest of the code as
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,11 @@ __all__ = ["Layout", "init_runtime", "set_seed", "device", "backend", "launch_en
 
 @dataclass(frozen=True)
 class Layout:
-    """This rank's place in the TP x PP x DP grid."""
+    """This rank's place in the TP x PP x DP grid and on its node, with the process groups.
+
+    Code that communicates takes the group it needs from here, passed as an argument; nothing
+    below the trainer reads Megatron's global parallel state for a group.
+    """
 
     tp: int
     pp: int
@@ -33,6 +38,46 @@ class Layout:
     dp_rank: int
     rank: int
     world_size: int
+    node_rank: int = 0            # the node (torchrun agent, Slurm node) this rank runs on
+    nodes: int = 1
+    local_rank: int = 0           # rank within the node
+    local_world_size: int = 1     # ranks on this node
+    node_ranks: tuple[int, ...] = (0,)  # global ranks of this node, ascending
+    tp_group: Any = field(default=None, compare=False, repr=False)
+    pp_group: Any = field(default=None, compare=False, repr=False)
+    dp_group: Any = field(default=None, compare=False, repr=False)
+    node_group: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def tp_group_or_none(self):
+        """The TP group, or None at TP=1 (the ops' single-rank fast path)."""
+        return self.tp_group if self.tp > 1 else None
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def node_leader(self) -> int:
+        """Global rank of this node's local rank 0 (it drives the node's engines)."""
+        return self.node_ranks[0]
+
+
+def _node_groups(node_rank: int):
+    """(node group, global ranks of this node, number of nodes). Every rank creates every
+    node's group in the same order (torch.distributed requires it); membership comes from each
+    rank's own launcher variables, so two torchrun agents on one host are two nodes."""
+    import torch.distributed as dist
+    world = dist.get_world_size()
+    nodes = [None] * world
+    dist.all_gather_object(nodes, node_rank)
+    mine, group = (), None
+    for n in sorted(set(nodes)):
+        ranks = [r for r, x in enumerate(nodes) if x == n]
+        g = dist.new_group(ranks)
+        if n == node_rank:
+            mine, group = tuple(ranks), g
+    return group, mine, len(set(nodes))
 
 
 def set_seed(seed: int) -> None:
@@ -60,10 +105,16 @@ def init_runtime(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                  virtual_pipeline_model_parallel_size=vpp)
     set_seed(seed)
+    node_group, node_ranks, nodes = _node_groups(le.node_rank)
     return Layout(tp=tp, pp=pp, dp=ps.get_data_parallel_world_size(), vpp=vpp,
                   tp_rank=ps.get_tensor_model_parallel_rank(),
                   pp_rank=ps.get_pipeline_model_parallel_rank(),
-                  dp_rank=ps.get_data_parallel_rank(), rank=le.rank, world_size=le.world_size)
+                  dp_rank=ps.get_data_parallel_rank(), rank=le.rank, world_size=le.world_size,
+                  node_rank=le.node_rank, nodes=nodes, local_rank=node_ranks.index(le.rank),
+                  local_world_size=len(node_ranks), node_ranks=node_ranks,
+                  tp_group=ps.get_tensor_model_parallel_group(),
+                  pp_group=ps.get_pipeline_model_parallel_group(),
+                  dp_group=ps.get_data_parallel_group(), node_group=node_group)
 
 
 def shutdown() -> None:

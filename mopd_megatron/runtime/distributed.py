@@ -21,6 +21,8 @@ class LaunchEnv:
     master_addr: str
     master_port: int
     source: str  # "torchrun", "slurm" or "single"
+    node_rank: int = 0          # which node (torchrun agent / Slurm node) this process is on
+    local_world_size: int = 1   # processes on this node
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -45,18 +47,37 @@ def launch_env(environ=None) -> LaunchEnv:
     """Read rank/world from torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or Slurm (SLURM_PROCID, ...)."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
+        # torchrun: GROUP_RANK is the agent's (node's) index, LOCAL_WORLD_SIZE its workers.
         return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                          env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)),
-                         "torchrun")
+                         "torchrun", int(env.get("GROUP_RANK", 0)),
+                         int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
         addr = env.get("MASTER_ADDR") or _first_slurm_host(nodelist)
         # A port derived from the job id keeps concurrent jobs on shared nodes apart.
         port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000)
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                         int(env.get("SLURM_LOCALID", 0)), addr, port, "slurm")
+                         int(env.get("SLURM_LOCALID", 0)), addr, port, "slurm",
+                         int(env.get("SLURM_NODEID", 0)), _slurm_tasks_on_this_node(env))
     return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"),
                      int(env.get("MASTER_PORT", 29500)), "single")
+
+
+def _slurm_tasks_on_this_node(env) -> int:
+    """Tasks of this step on this node: SLURM_TASKS_PER_NODE is "2(x3),1" (per node, in node
+    order); SLURM_NTASKS_PER_NODE is only set when the job asked for a fixed number."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if spec:
+        counts = []
+        for part in spec.split(","):
+            m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+            if m:
+                counts += [int(m.group(1))] * int(m.group(2) or 1)
+        node = int(env.get("SLURM_NODEID", 0))
+        if node < len(counts):
+            return counts[node]
+    return int(env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_NTASKS", 1))
 
 
 def backend() -> str:

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, MOPDConfig
-from ..models.builder import DTYPES, BuildOptions, build_model_chunks
+from ..models.builder import DTYPES, build_model_chunks
 from ..models.hf_config import HFModelConfig, load_hf_config
 
 __all__ = ["Inputs", "preflight", "build_chunks", "load_weights", "build_student",
-           "build_engine", "optim_settings"]
+           "Engines", "build_engines", "total_optimizer_steps", "PreflightFailed"]
 
 
 @dataclass
@@ -45,14 +45,89 @@ def _check_checkpoint(path: str | None, fmt: str, field: str) -> None:
         raise ConfigError(field, path, "no HF weight files (*.safetensors) in this directory")
 
 
-def preflight(cfg: MOPDConfig, world_size: int) -> Inputs:
-    """Config, paths, data, verifiers and vocabularies: everything except the models."""
+class PreflightFailed(Exception):
+    """Every check that failed (``preflight(..., collect=True)``), in the order they ran."""
+
+    def __init__(self, failures: list[Exception]):
+        self.failures = failures
+        super().__init__("\n".join(f"  - {e}" for e in failures))
+
+
+def preflight(cfg: MOPDConfig, world_size: int, *, collect: bool = False) -> Inputs:
+    """Config, paths, data, verifiers and vocabularies: everything except the models.
+
+    A real start stops at the first failure. ``collect`` (``mopd train --dry-run``) runs every
+    check whose inputs could be read and raises PreflightFailed with all the failures.
+    """
     from transformers import AutoTokenizer
 
-    from ..data import PromptDataset
-    from ..rewards import build_reward_registry
+    from ..data import DataError, PromptDataset
     from ..teachers import check_teacher_vocab
-    cfg.validate(world_size=world_size)
+    failures: list[Exception] = []
+
+    def run(fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, DataError, OSError, ValueError) as e:
+            if not collect:
+                raise
+            failures.append(e)
+            return None
+
+    run(cfg.validate, world_size, check_paths=False, check_imports=False)
+    missing = set()
+    for e in cfg.path_errors():
+        missing.add(e.path)
+        run(_raise, e)
+    run(_check_engine, cfg)
+    run(_check_fp8, cfg)
+    run(_check_export, cfg)
+    # Checks that read an input run only when its path exists (reported once, above).
+    if "model.checkpoint" not in missing:
+        run(_check_checkpoint, cfg.model.checkpoint, cfg.model.checkpoint_format, "model.checkpoint")
+    for i, t in enumerate(cfg.teachers):
+        if f"teachers[{i}].checkpoint" not in missing:
+            run(_check_checkpoint, t.checkpoint, t.format, f"teachers[{i}].checkpoint")
+    hf = tokenizer = dataset = eos = None
+    if "model.hf_config" not in missing:
+        hf = run(_field, "model.hf_config", cfg.model.hf_config, load_hf_config)
+    if "model.tokenizer" not in missing:  # a local directory: never a hub download
+        tokenizer = run(_field, "model.tokenizer", cfg.model.tokenizer,
+                        lambda p: AutoTokenizer.from_pretrained(p, local_files_only=True))
+    teachers_readable = not any(f"teachers[{i}].hf_config" in missing
+                                for i in range(len(cfg.teachers)))
+    if hf is not None and tokenizer is not None and teachers_readable:
+        run(check_teacher_vocab, cfg.teachers, hf.vocab_size, tokenizer.get_vocab())
+    if tokenizer is not None:
+        dataset = run(PromptDataset.from_config, cfg.data, tokenizer)
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            run(_raise, ConfigError("model.tokenizer", cfg.model.tokenizer,
+                                    "the tokenizer has no EOS token"))
+    rewards = run(_verifiers, cfg)
+    if failures:
+        if rewards is not None:
+            rewards.close()
+        raise PreflightFailed(failures)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return Inputs(hf, tokenizer, dataset, rewards, eos, pad)
+
+
+def _raise(e: Exception) -> None:
+    raise e
+
+
+def _field(field: str, path: str, read):
+    """read(path), an unreadable input reported as an error of the field that names it."""
+    try:
+        return read(path)
+    except (OSError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(field, path, f"cannot be read: {e}") from None
+
+
+def _check_engine(cfg: MOPDConfig) -> None:
     if cfg.rollout.engine == "local" and cfg.parallel.pp > 1:
         raise ConfigError("rollout.engine", "local", "in-trainer sampling needs parallel.pp=1; "
                           "use rollout.engine=sglang with pipeline parallelism")
@@ -62,45 +137,52 @@ def preflight(cfg: MOPDConfig, world_size: int) -> Inputs:
                           "be launched: pip install sglang on GPU machines, "
                           "bash tests/harness/sglang_cpu/setup.sh on CPU (tools/setup_env.sh "
                           "does it), or --set rollout.engine=local to sample in the trainer")
+    if (cfg.rollout.engine == "sglang" and cfg.rollout.mode != "external"
+            and (cfg.model.checkpoint_format != "hf" or cfg.model.checkpoint is None)):
+        raise ConfigError("model.checkpoint_format", cfg.model.checkpoint_format,
+                          "launched SGLang servers start from an HF checkpoint; give the student "
+                          "as format hf (or use rollout.mode=external)")
     if cfg.train.async_rollout and cfg.rollout.engine == "local":
         raise ConfigError("train.async_rollout", True, "one-step-off rollout needs server engines "
                           "(rollout.engine=sglang); the local engine samples with the live weights")
+
+
+def _check_fp8(cfg: MOPDConfig) -> None:
+    """FP8 needs Transformer Engine on a Hopper or newer GPU: refused here, before any build."""
+    from ..models.fp8 import fp8_unavailable_reason
+    if cfg.model.fp8.enabled:
+        reason = fp8_unavailable_reason()
+        if reason:
+            raise ConfigError("model.fp8.enabled", True, f"FP8 cannot run here: {reason}")
+
+
+def _check_export(cfg: MOPDConfig) -> None:
     ck = cfg.checkpoint
-    if ck.hf_export_dir is not None:
-        if ck.dir is None:
-            raise ConfigError("checkpoint.hf_export_dir", ck.hf_export_dir, "the HF export is "
-                              "converted from the final checkpoint: set checkpoint.dir")
-        if os.path.exists(ck.hf_export_dir) and os.listdir(ck.hf_export_dir):
-            raise ConfigError("checkpoint.hf_export_dir", ck.hf_export_dir, "exists and is not "
-                              "empty; the export will not overwrite it")
-    _check_checkpoint(cfg.model.checkpoint, cfg.model.checkpoint_format, "model.checkpoint")
-    for i, t in enumerate(cfg.teachers):
-        _check_checkpoint(t.checkpoint, t.format, f"teachers[{i}].checkpoint")
-    hf = load_hf_config(cfg.model.hf_config)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
-    check_teacher_vocab(cfg.teachers, hf.vocab_size, tokenizer.get_vocab())
-    dataset = PromptDataset.from_config(cfg.data, tokenizer)
+    if ck.hf_export_dir is None:
+        return
+    if ck.dir is None:
+        raise ConfigError("checkpoint.hf_export_dir", ck.hf_export_dir, "the HF export is "
+                          "converted from the final checkpoint: set checkpoint.dir")
+    if os.path.exists(ck.hf_export_dir) and os.listdir(ck.hf_export_dir):
+        raise ConfigError("checkpoint.hf_export_dir", ck.hf_export_dir, "exists and is not "
+                          "empty; the export will not overwrite it")
+
+
+def _verifiers(cfg: MOPDConfig):
+    from ..rewards import build_reward_registry
     specs = {d: {"type": v.type, **v.params} for d, v in cfg.reward.verifiers.items()}
     try:
-        rewards = build_reward_registry(specs)
+        return build_reward_registry(specs)
     except ValueError as e:
         raise ConfigError("reward.verifiers", specs, str(e)) from None
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ConfigError("model.tokenizer", cfg.model.tokenizer, "the tokenizer has no EOS token")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return Inputs(hf, tokenizer, dataset, rewards, eos, pad)
 
 
-def build_options(cfg: MOPDConfig) -> BuildOptions:
-    rec = None if cfg.parallel.recompute == "none" else cfg.parallel.recompute
-    return BuildOptions(dtype=cfg.model.dtype, recompute=rec)
-
-
-def build_chunks(hf_source, cfg: MOPDConfig) -> tuple[HFModelConfig, list]:
-    """This rank's chunks of the model ``hf_source`` describes, in the current layout."""
+def build_chunks(hf_source, cfg: MOPDConfig, *, frozen: bool = False) -> tuple[HFModelConfig, list]:
+    """This rank's chunks of the model ``hf_source`` describes, in the recipe's layout (the
+    student; ``frozen``: a teacher, forward-only)."""
     hf = load_hf_config(hf_source) if not isinstance(hf_source, HFModelConfig) else hf_source
-    return hf, build_model_chunks(hf, build_options(cfg))
+    return hf, build_model_chunks(hf, cfg.parallel, dtype=cfg.model.dtype, fp8=cfg.model.fp8,
+                                  frozen=frozen)
 
 
 def load_weights(chunks: list, path: str | None, fmt: str, hf: HFModelConfig) -> None:
@@ -138,15 +220,10 @@ def load_weights(chunks: list, path: str | None, fmt: str, hf: HFModelConfig) ->
             shutil.rmtree(name[0], ignore_errors=True)
 
 
-def optim_settings(cfg: MOPDConfig):
-    from ..training.optimizer import OptimSettings
+def total_optimizer_steps(cfg: MOPDConfig) -> int:
+    """Optimizer steps of the whole run: the schedule spans every one of them."""
     o = cfg.optimizer
-    steps = cfg.train.steps * o.steps_per_rollout * o.epochs_per_rollout
-    return OptimSettings(
-        lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0],
-        adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.clip_grad, warmup_steps=o.warmup_steps,
-        decay_steps=steps, decay_style=o.schedule,
-        wsd_decay_steps=max(1, round(o.decay_fraction * steps)), distributed=o.distributed_optimizer)
+    return cfg.train.steps * o.steps_per_rollout * o.epochs_per_rollout
 
 
 def build_student(cfg: MOPDConfig, hf: HFModelConfig):
@@ -154,24 +231,102 @@ def build_student(cfg: MOPDConfig, hf: HFModelConfig):
     from ..training.optimizer import build_optimizer, wrap_ddp
     _, chunks = build_chunks(hf, cfg)
     load_weights(chunks, cfg.model.checkpoint, cfg.model.checkpoint_format, hf)
-    settings = optim_settings(cfg)
-    ddp = wrap_ddp(chunks, settings)
-    optimizer, scheduler = build_optimizer(ddp, settings, DTYPES[cfg.model.dtype])
+    ddp = wrap_ddp(chunks, cfg.optimizer)
+    optimizer, scheduler = build_optimizer(ddp, cfg.optimizer, total_optimizer_steps(cfg),
+                                           DTYPES[cfg.model.dtype])
     return ddp, optimizer, scheduler
 
 
-def build_engine(cfg: MOPDConfig, chunks: list, inputs: Inputs, log_dir: str | None):
-    """The rollout engine the recipe names (on rank 0 for server engines)."""
-    if cfg.rollout.engine == "local":
-        from .generate import LocalEngine
-        return LocalEngine(chunks, vocab_size=inputs.hf.vocab_size, eos_id=inputs.eos_id,
-                           pad_id=inputs.pad_id, seed=cfg.train.seed)
-    if torch.distributed.get_rank() != 0:
-        return None  # rank 0 drives the servers and broadcasts the batch
+@dataclass
+class Engines:
+    """The rollout engines as this rank sees them.
+
+    ``driver`` generates (global rank 0 for server engines, every rank for collective ones);
+    ``node`` holds the servers this rank's node loads weights into and releases around training
+    (colocated: on each node's local rank 0; otherwise rank 0's own handle, or None).
+    ``placement``: where the colocated engines run (what --dry-run prints), else None.
+    """
+
+    driver: Any
+    node: Any = None
+    placement: list | None = None
+
+
+def gpus_per_node() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def build_engines(cfg: MOPDConfig, chunks: list, inputs: Inputs, layout) -> Engines:
+    """The rollout engines the recipe names, placed as rollout/placement.py says."""
+    ro = cfg.rollout
+    if ro.engine == "local":
+        from ..rollout.local import LocalEngine
+        return Engines(LocalEngine(chunks, vocab_size=inputs.hf.vocab_size, eos_id=inputs.eos_id,
+                                   pad_id=inputs.pad_id, seed=cfg.train.seed))
     from ..rollout import SGLangEngine
-    model_path = cfg.model.checkpoint if cfg.model.checkpoint_format == "hf" else None
-    if model_path is None and cfg.rollout.mode != "external":
-        raise ConfigError("model.checkpoint_format", cfg.model.checkpoint_format,
-                          "launched SGLang servers start from an HF checkpoint; give the student "
-                          "as format hf (or use rollout.mode=external)")
-    return SGLangEngine.from_config(cfg.rollout, model_path, log_dir=log_dir)
+    if ro.mode != "colocated":  # one fleet, driven and loaded by global rank 0
+        if layout.rank != 0:
+            return Engines(None)
+        engine = SGLangEngine.from_config(ro, _engine_model_path(cfg), log_dir=ro.server_log_dir)
+        return Engines(engine, engine)
+    return _colocated_engines(cfg, layout)
+
+
+def _engine_model_path(cfg: MOPDConfig) -> str | None:
+    return cfg.model.checkpoint if cfg.model.checkpoint_format == "hf" else None
+
+
+def _engine_host(rollout, layout) -> str:
+    """The address a node's engines bind to: rollout.host when every rank runs on one host
+    (emulated nodes included), else this node's own name, so that the driver on node 0 can
+    reach engines on every node."""
+    import socket
+
+    import torch.distributed as dist
+    hosts = [None] * layout.world_size
+    dist.all_gather_object(hosts, socket.gethostname())
+    if len(set(hosts)) == 1 or rollout.host not in ("127.0.0.1", "localhost"):
+        return rollout.host
+    return socket.gethostname()
+
+
+def _colocated_engines(cfg: MOPDConfig, layout) -> Engines:
+    """Every training node's local rank 0 starts that node's engines on the node's GPUs; global
+    rank 0 drives generation over all of them (load-balanced, a prompt's samples on one)."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from ..rollout import SGLangEngine
+    from ..rollout.placement import colocated_placement
+    from ..rollout.sglang_engine import server_specs_from_config
+    ro = cfg.rollout
+    placement = colocated_placement(ro, layout.nodes, layout.local_world_size, gpus_per_node())
+    host = _engine_host(ro, layout)
+    node = None
+    urls: list[str] = []
+    if layout.local_rank == 0:
+        slots = placement[layout.node_rank].engines
+        base = server_specs_from_config(dataclasses.replace(ro, num_engines=1),
+                                        _engine_model_path(cfg), ro.server_log_dir)[0]
+        specs = [dataclasses.replace(
+            base, port=s.port, host=host,
+            env=base.env + ((("CUDA_VISIBLE_DEVICES", ",".join(map(str, s.gpus))),) if s.gpus else ()),
+            log_path=os.path.join(ro.server_log_dir, f"sglang_node{s.node}_{s.index}.log")
+            if ro.server_log_dir else None) for s in slots]
+        if ro.server_log_dir:
+            os.makedirs(ro.server_log_dir, exist_ok=True)
+        node = SGLangEngine.launch(specs, None, ro.startup_timeout_s, ro.server_log_dir,
+                                   concurrency=ro.concurrency,
+                                   request_timeout_s=ro.request_timeout_s,
+                                   samples_per_request=ro.samples_per_request)
+        urls = [c.url for c in node.clients]
+    every = [None] * layout.world_size
+    dist.all_gather_object(every, urls)
+    driver = None
+    if layout.rank == 0:
+        fleet = [u for per_rank in every for u in per_rank]
+        driver = SGLangEngine.connect(fleet, concurrency=ro.concurrency,
+                                      request_timeout_s=ro.request_timeout_s,
+                                      samples_per_request=ro.samples_per_request)
+    return Engines(driver, node, placement)

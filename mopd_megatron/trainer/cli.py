@@ -27,14 +27,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "recipes/tiny_cpu.yaml)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=C",
                     help="override a recipe field (repeatable), e.g. --set train.steps=10")
-    ap.add_argument("--dry-run", action="store_true", help="validate, print the resolved config "
-                    "and the plan, and exit without building models or writing files")
+    ap.add_argument("--dry-run", action="store_true", help="print the resolved config, the plan "
+                    "and the Megatron build, then run every start-up check and report all "
+                    "failures; builds no model and writes nothing")
+    ap.add_argument("--nodes", type=int, default=None, help="--dry-run: nodes of the cluster "
+                    "run to plan for (default: this launch's world)")
+    ap.add_argument("--gpus-per-node", type=int, default=None, help="--dry-run: GPUs per node "
+                    "of the cluster run, one rank each (with --nodes)")
+    ap.add_argument("--ranks-per-node", type=int, default=None, help="--dry-run: ranks per node "
+                    "of a CPU run (with --nodes; default: --gpus-per-node)")
     return ap
 
 
 def plan(cfg, world_size: int) -> str:
     p, o = cfg.parallel, cfg.optimizer
     dp = p.data_parallel_size(world_size)
+    if world_size % (p.tp * p.pp):
+        return (f"world size {world_size} does not hold tp {p.tp} x pp {p.pp}: plan a cluster run "
+                "with --nodes N --gpus-per-node G")
     lines = [
         f"world size {world_size}: tp {p.tp} x pp {p.pp} x dp {dp}" + (f" (vpp {p.vpp})" if p.vpp else ""),
         f"{cfg.train.steps} steps x {cfg.train.prompts_per_step} prompts x "
@@ -44,7 +54,7 @@ def plan(cfg, world_size: int) -> str:
         f"{p.global_batch_size // (p.micro_batch_size * dp)} micro-batch(es) of {p.micro_batch_size} per rank",
         f"rollout: {cfg.rollout.engine} ({cfg.rollout.mode}), async={cfg.train.async_rollout}",
         "teachers: " + ", ".join(f"{t.name} <- {t.domains} ({t.format}: {t.checkpoint})" for t in cfg.teachers),
-        f"loss: alpha {cfg.reward.alpha}, {cfg.loss.is_variant} [{cfg.loss.eps_low}, {cfg.loss.eps_high}], "
+        f"loss: alpha {cfg.loss.alpha}, {cfg.loss.is_variant} [{cfg.loss.eps_low}, {cfg.loss.eps_high}], "
         f"{cfg.loss.aggregation}",
         f"checkpoints: {cfg.checkpoint.dir} every {cfg.checkpoint.save_interval}, resume={cfg.checkpoint.resume}",
     ]
@@ -72,13 +82,42 @@ def _ensure_demo_inputs(cfg) -> None:
         return
     out = Path(DEMO_STUDENT).parent.parent
     out.parent.mkdir(parents=True, exist_ok=True)
-    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                     "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
-    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    from ..rollout.server import server_environment  # the launcher's rank variables removed
+    env = server_environment(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     with open(out.parent / f".{out.name}.build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         subprocess.run([sys.executable, str(tool), "--out", str(out)], env=env, check=True)
+
+
+def dry_run(cfg, world: int, shape: tuple[int, int, int] | None = None) -> int:
+    """Print what the run would be, then every start-up check's failure (none: exit 0).
+    ``shape``: (nodes, ranks per node, GPUs per node) of the run planned for; None: this one."""
+    from ..plan.build import describe_build
+    from .builders import PreflightFailed, gpus_per_node, preflight
+    print(cfg.dump_yaml())
+    print(plan(cfg, world))
+    if cfg.rollout.engine == "sglang" and cfg.rollout.mode == "colocated":
+        from ..rollout.placement import colocated_placement, format_placement
+        nodes, per_node, gpus = shape or (1, world, gpus_per_node())
+        print("\n".join("placement " + line for line in
+                        format_placement(colocated_placement(cfg.rollout, nodes, per_node, gpus))))
+    failures: list[str] = []
+    try:
+        print(describe_build(cfg))
+    except Exception as e:  # noqa: BLE001 - Megatron refuses the layout: a finding, not a crash
+        failures.append(f"the student's Megatron build: {type(e).__name__}: {e}")
+    try:
+        inputs = preflight(cfg, world, collect=True)
+        inputs.rewards.close()
+    except PreflightFailed as e:
+        failures += [str(f) for f in e.failures]
+    if failures:
+        print(f"preflight: {len(failures)} problem(s); a run would stop at the first:")
+        print("\n".join(f"  - {f}" for f in failures))
+        return 2
+    print("preflight: every start-up check passed")
+    return 0
 
 
 def format_report(report: dict) -> str:
@@ -96,13 +135,19 @@ def main(argv=None) -> int:
     from ..runtime import launch_env
     recipe = args.recipe or default_recipe()
     world = launch_env().world_size
+    per_node = args.ranks_per_node if args.ranks_per_node is not None else args.gpus_per_node
+    if (args.nodes is None) != (per_node is None) or not args.dry_run and args.nodes:
+        print("mopd train: --nodes goes with --gpus-per-node or --ranks-per-node, and only "
+              "with --dry-run", file=sys.stderr)
+        return 2
+    shape = None
+    if args.nodes is not None:
+        world = args.nodes * per_node
+        shape = (args.nodes, per_node, args.gpus_per_node or 0)
     try:
         cfg = load_recipe(recipe, args.overrides)
         if args.dry_run:
-            cfg.validate(world_size=world, check_paths=False)
-            print(cfg.dump_yaml())
-            print(plan(cfg, world))
-            return 0
+            return dry_run(cfg, world, shape)
         _ensure_demo_inputs(cfg)
         _single_process_port()
         from ..train import Trainer

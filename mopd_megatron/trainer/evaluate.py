@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from .generate import sample_tokens
+from ..rollout.local import sample_tokens
 
 __all__ = ["load_eval_rows", "greedy_accuracy"]
 

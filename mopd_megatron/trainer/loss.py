@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from ..ops import mopd_loss
 
-__all__ = ["make_mopd_loss_fn", "LOSS_KEYS", "reduce_microbatch_metrics"]
+__all__ = ["make_mopd_loss_fn", "tempered_logits", "LOSS_KEYS", "reduce_microbatch_metrics"]
 
 # Token-weighted means from ops.mopd_loss (averaged over micro-batches and DP ranks by tokens)
 # -> the metric names the sinks show.
@@ -23,13 +23,24 @@ LOSS_KEYS = {"is_weight_mean": "is/w_mean", "is_masked_frac": "is/masked_frac",
              "entropy": "entropy"}
 
 
+def tempered_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[b, s, V/tp] logits -> [b*s, V/tp] logits / T.
+
+    The temperature contract: log mu (the engine's), log pi_theta (the student's, here) and
+    log pi_dom (the teachers', ``teachers.score_loss_fn``) are all log softmax(logits / T) at
+    the rollout temperature T. The student and the teachers go through this one function, so a
+    teacher identical to the student gives exactly log pi_dom = log pi_theta (A = 0) at any T.
+    """
+    b, s, v = logits.shape
+    flat = logits.reshape(b * s, v)
+    return flat / temperature if temperature != 1.0 else flat
+
+
 def make_mopd_loss_fn(loss_cfg, alpha: float, temperature: float, tp_group):
-    """``loss_fn(batch, logits[b, s, V/tp]) -> (loss_sum, count, metrics)``."""
+    """``loss_fn(batch, logits[b, s, V/tp]) -> (loss_sum, count, metrics)``; log pi_theta is
+    taken at ``temperature``, the one mu sampled at (the teachers are scored at it too)."""
     def loss_fn(batch, logits):
-        b, s, v = logits.shape
-        flat = logits.reshape(b * s, v)
-        if temperature != 1.0:
-            flat = flat / temperature  # log pi_theta at the temperature mu sampled at
+        flat = tempered_logits(logits, temperature)
         loss, m = mopd_loss(
             flat, batch["targets"].reshape(-1), batch["rollout_logp"].reshape(-1),
             batch["teacher_logp"].reshape(-1), batch["orm_adv"].reshape(-1),

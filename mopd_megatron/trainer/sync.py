@@ -1,12 +1,25 @@
-"""Weight sync to server engines (SGLang) after each update, and the parity probe metric.
+"""Weight sync to server engines (SGLang) after each update, and the parity probe.
 
 The converter (``mopd_megatron.convert.export_hf_weights``) gathers this rank's Megatron shards
-into HF-named buckets; every rank iterates the export (it is collective over TP/PP), rank 0
-pushes the buckets. Afterwards a fixed probe sequence (the first prompt of the data) is scored by
-the engine and by the trainer: the mean |difference| (nats/token) is logged as ``rollout/parity_mean_abs`` and a value
-above ``rollout.parity_tolerance`` stops the run (every importance weight would be wrong).
+into HF-named buckets; every rank iterates the export (it is collective over TP/PP) and ends up
+holding every full tensor. Then:
+
+- colocated engines (``Engines.placement`` set): each node's ranks load their own node's
+  engines and no other. Every rank serializes its copy of the bucket (a CUDA-IPC handle to its
+  own GPU, or a shared-memory file on CPU), the node's local rank 0 gathers the handles over
+  the node group and gives SGLang TP rank i the handle of the copy on that rank's own GPU
+  (slime's design). Nothing crosses a node, and no rank funnels another node's weights.
+- dedicated/external engines: global rank 0 loads them (same-node shared storage, or the
+  weight-update group when connected).
+
+Afterwards a fixed probe sequence (the first prompt of the data) is scored by every engine
+and by the trainer: the worst mean |difference| (nats/token) is logged as
+``rollout/parity_mean_abs`` and a value above ``rollout.parity_tolerance`` stops the run
+(every importance weight would be wrong).
 """
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.distributed as dist
@@ -14,56 +27,135 @@ import torch.distributed as dist
 __all__ = ["push_weights", "trainer_probe_logprobs"]
 
 
-def trainer_probe_logprobs(trainer, tokens: list[int]) -> list[float]:
-    """log pi_theta(x_{t+1} | x_<=t), t = 0..L-2, through the forward-only schedule (any
-    layout); the result is broadcast from the last pipeline stage to every rank."""
-    from megatron.core import parallel_state as ps
-
-    from ..teachers import _score_loss_fn
+def trainer_probe_logprobs(chunks: list, layout, vocab_size: int, tokens: list[int]) -> list[float]:
+    """log pi_theta(x_{t+1} | x_<=t), t = 0..L-2, at temperature 1, through the forward-only
+    schedule (any layout); the result is broadcast from the last pipeline stage to every rank."""
+    from ..runtime import device
+    from ..teachers import score_loss_fn
     from ..training.schedule import forward_backward
-    t = torch.tensor([tokens], dtype=torch.long, device=trainer.device)
+    t = torch.tensor([tokens], dtype=torch.long, device=device())
     mb = dict(tokens=t, position_ids=torch.arange(t.shape[1], device=t.device)[None],
               targets=torch.roll(t, -1, 1))
-    out = forward_backward(trainer.chunks, [mb], _score_loss_fn(trainer._tp_group()),
-                           vocab_size=trainer.inputs.hf.vocab_size, forward_only=True)
+    out = forward_backward(chunks, [mb], score_loss_fn(layout.tp_group_or_none),
+                           vocab_size=vocab_size, tp_rank=layout.tp_rank, forward_only=True)
     vals = out[0]["logp"][0, :-1].double().cpu() if out else torch.zeros(len(tokens) - 1, dtype=torch.float64)
-    if ps.get_pipeline_model_parallel_world_size() > 1:
+    if layout.pp > 1:
         # Only the last stage holds the values: sum with zeros from the other stages.
-        if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        if not layout.is_last_stage:
             vals.zero_()
-        dist.all_reduce(vals, group=ps.get_pipeline_model_parallel_group())
+        dist.all_reduce(vals, group=layout.pp_group)
     return vals.tolist()
 
 
-def push_weights(trainer, step: int, probe: list[int] | None) -> float | None:
-    """``probe``: a fixed real token sequence (a prompt of the data), the same on every rank;
-    random ids could include special tokens a server treats differently. None: push only."""
-    from ..rollout import check_parity
-    try:
-        from ..convert import export_hf_weights
-    except ImportError as e:
-        raise RuntimeError(f"weight sync to the rollout engine needs mopd_megatron.convert ({e}); "
-                           "use rollout.engine=local on a machine without it") from None
-    cfg, rank0 = trainer.cfg, dist.get_rank() == 0
-    buckets = export_hf_weights(trainer.chunks, trainer.inputs.hf, cfg.rollout.weight_sync_bucket_mib)
-    if rank0:
-        trainer.engine.update_weights(buckets, f"step_{step}")
+def push_weights(engines, chunks: list, hf, layout, rollout, step: int,
+                 probe: list[int] | None) -> dict[str, float]:
+    """Push the live weights into the engines, then probe parity; the sync metrics.
+
+    ``engines``: builders.Engines; ``rollout``: the rollout section (bucket size, parity
+    tolerance). ``probe``: a fixed real token sequence (a prompt of the data), the same on
+    every rank; random ids could include special tokens a server treats differently. None:
+    push only."""
+    from ..convert import export_hf_weights
+    version = f"step_{step}"
+    t0 = time.perf_counter()
+    buckets = export_hf_weights(chunks, hf, layout, rollout.weight_sync_bucket_mib)
+    if engines.placement is not None:
+        stats = _push_node_local(engines, buckets, layout, version)
+        transport = "cuda_ipc" if torch.cuda.is_available() else "shm"
+    elif layout.rank == 0:
+        stats = engines.node.update_weights(buckets, version)
+        transport = "broadcast" if getattr(engines.node, "_dist_sync", None) else \
+            ("cuda_ipc" if torch.cuda.is_available() else "shm")
     else:
         for _ in buckets:  # take part in the export's collectives
             pass
-    if probe is None:
+        stats, transport = None, None
+    # Who loaded which engine, for the metrics (and the multi-node tests that check them).
+    mine = ([(c.url, stats.bytes) for c in engines.node.clients]
+            if stats is not None and engines.node is not None else [])
+    loads = [None] * layout.world_size
+    dist.all_gather_object(loads, (layout.rank, transport, mine))
+    metrics: dict[str, float] = {}
+    if layout.rank == 0:
+        metrics = _sync_metrics(engines.driver, loads, time.perf_counter() - t0)
+    if probe is not None:
+        ours = trainer_probe_logprobs(chunks, layout, hf.vocab_size, probe)
+        result = [None]
+        if layout.rank == 0:
+            result[0] = _probe_every_engine(engines.driver, probe, ours, rollout.parity_tolerance,
+                                            step)
+        dist.broadcast_object_list(result, src=0)
+        metrics.update(result[0])
+    return metrics
+
+
+def _push_node_local(engines, buckets, layout, version: str):
+    """Colocated: this node's ranks load this node's engines (see the module docstring)."""
+    from ..rollout.weight_sync import serialize_bucket
+    leader, group, src = layout.local_rank == 0, layout.node_group, layout.node_leader
+    if not leader:
+        for bucket in buckets:
+            blob, shared = serialize_bucket(bucket)  # noqa: F841 - alive until loaded
+            dist.gather_object(blob, None, dst=src, group=group)
+            dist.barrier(group=group)
         return None
-    ours = trainer_probe_logprobs(trainer, probe)
-    result = [None]
-    if rank0:
+    slots = engines.placement[layout.node_rank].engines
+
+    def handles(bucket):
+        blob, shared = serialize_bucket(bucket)
+        blobs = [None] * layout.local_world_size
+        dist.gather_object(blob, blobs, dst=src, group=group)
+        # SGLang TP rank i of an engine maps the copy of the trainer rank on its own GPU; a CPU
+        # engine with more TP ranks than the node has trainer ranks maps the leader's copy.
+        per_server = [[blobs[r] for r in s.local_ranks] if len(s.local_ranks) == tp else [blob] * tp
+                      for s, tp in zip(slots, engines.node.tp_sizes)]
+
+        def release():
+            nonlocal shared
+            dist.barrier(group=group)  # every server of the node has loaded: all may free
+            shared = None
+        return per_server, release
+    return engines.node.update_weights(buckets, version, handles=handles)
+
+
+def _sync_metrics(driver, loads, seconds: float) -> dict[str, float]:
+    index = {c.url: i for i, c in enumerate(driver.clients)}
+    m: dict[str, float] = {"sync/seconds": seconds, "sync/bytes": 0.0}
+    for rank, transport, pushed in loads:
+        for url, nbytes in pushed:
+            m[f"sync/loader_rank/engine{index[url]}"] = float(rank)
+            m[f"sync/bytes/engine{index[url]}"] = float(nbytes)
+            m["sync/bytes"] += nbytes
+            key = f"sync/transport/{transport}"
+            m[key] = m.get(key, 0.0) + nbytes
+    return m
+
+
+def _probe_every_engine(driver, probe: list[int], ours: list[float], tolerance: float,
+                        step: int) -> dict[str, float]:
+    from ..rollout import ParityError, parity_probe
+    out: dict[str, float] = {}
+    for i, client in enumerate(driver.clients):
         try:
-            result[0] = check_parity(trainer.engine, [probe], [ours],
-                                     cfg.rollout.parity_tolerance).mean_abs_diff
-        except Exception:
-            body = {"input_ids": probe, "return_logprob": True, "logprob_start_len": 0,
-                    "sampling_params": {"max_new_tokens": 0, "temperature": 1.0}}
-            out, _ = trainer.engine.call("/generate", body, f"probe-debug-{step}")
-            got = [e[1] for e in out["meta_info"]["input_token_logprobs"]]
-            raise RuntimeError(f"parity probe at step {step}: sent {probe}, the server scored {got}")
-    dist.broadcast_object_list(result, src=0)
-    return result[0]
+            r = parity_probe(_OneServer(driver, i), [probe], [ours])
+        except Exception as e:
+            raise RuntimeError(f"parity probe at step {step} on {client.url}: {e}") from e
+        if not r.mean_abs_diff <= tolerance:  # also catches NaN
+            raise ParityError(
+                f"weight-sync parity probe failed on {client.url} at step {step}: mean "
+                f"|log p_engine - log p_trainer| = {r.mean_abs_diff:.3g} nats > "
+                f"rollout.parity_tolerance={tolerance:g} (max {r.max_abs_diff:.3g} over "
+                f"{r.tokens} tokens); the engine is not running the trainer's weights")
+        out[f"rollout/parity_mean_abs/engine{i}"] = r.mean_abs_diff
+    out["rollout/parity_mean_abs"] = max(out.values())
+    return out
+
+
+class _OneServer:
+    """``engine.score`` pinned to one server of the fleet."""
+
+    def __init__(self, engine, index: int):
+        self.engine, self.index = engine, index
+
+    def score(self, sequences):
+        return self.engine.score(sequences, server=self.index)

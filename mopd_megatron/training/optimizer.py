@@ -1,39 +1,17 @@
-"""Megatron DDP wrapping, the (distributed) optimizer and its LR schedule."""
+"""Megatron DDP wrapping, the (distributed) optimizer and its LR schedule, built from the
+recipe's ``optimizer`` section itself (config.OptimizerConfig): one place for every default."""
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 from . import adamw_fallback
 
 
-@dataclass(frozen=True)
-class OptimSettings:
-    """AdamW with gradient clipping, linear warm-up then constant/cosine decay."""
-
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_steps: int = 0
-    decay_steps: int = 1
-    decay_style: str = "constant"  # constant | linear | cosine | wsd
-    wsd_decay_steps: int = 1  # wsd: the last steps, over which the LR decays linearly
-    distributed: bool = True  # shard optimizer state over data-parallel ranks (ZeRO-1)
-    overlap_grad_reduce: bool = False
-    overlap_param_gather: bool = False
-
-
-def wrap_ddp(chunks: list, settings: OptimSettings) -> list:
-    """Wrap each model chunk in Megatron's DistributedDataParallel (contiguous grad buffers)."""
+def wrap_ddp(chunks: list, opt) -> list:
+    """Wrap each model chunk in Megatron's DistributedDataParallel (contiguous grad buffers);
+    ``opt``: the optimizer section (its distributed_optimizer field)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=settings.overlap_grad_reduce,
-        overlap_param_gather=settings.overlap_param_gather and settings.distributed,
-        use_distributed_optimizer=settings.distributed,
+        use_distributed_optimizer=opt.distributed_optimizer,
         average_in_collective=False,  # the loss is normalised by global counts instead
     )
     from megatron.core.distributed import finalize_model_grads
@@ -49,35 +27,38 @@ def wrap_ddp(chunks: list, settings: OptimSettings) -> list:
     return wrapped
 
 
-def build_optimizer(ddp_chunks: list, settings: OptimSettings, params_dtype):
-    """Megatron optimizer (+ LR scheduler) over ``ddp_chunks``, with grad hooks installed."""
+def megatron_optimizer_config(opt, params_dtype):
+    """The optimizer section -> Megatron's OptimizerConfig (Adam with decoupled weight decay)."""
     import torch
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig
+    return OptimizerConfig(
+        optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
+        adam_beta1=opt.betas[0], adam_beta2=opt.betas[1], adam_eps=opt.eps,
+        clip_grad=opt.clip_grad, bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16, params_dtype=params_dtype,
+        use_distributed_optimizer=opt.distributed_optimizer)
+
+
+def scheduler_kwargs(opt, total_steps: int) -> dict:
+    """OptimizerParamScheduler arguments for ``total_steps`` optimizer steps: warm-up, then the
+    section's schedule to min_lr at the last step (wsd: over its last decay_fraction)."""
+    return dict(
+        init_lr=0.0 if opt.warmup_steps else opt.lr, max_lr=opt.lr, min_lr=opt.min_lr,
+        lr_warmup_steps=opt.warmup_steps,
+        lr_decay_steps=max(total_steps, opt.warmup_steps + 1),
+        lr_decay_style="WSD" if opt.schedule == "wsd" else opt.schedule,
+        wsd_decay_steps=max(1, round(opt.decay_fraction * total_steps)),
+        lr_wsd_decay_style="linear", start_wd=opt.weight_decay, end_wd=opt.weight_decay,
+        wd_incr_steps=1, wd_incr_style="constant")
+
+
+def build_optimizer(ddp_chunks: list, opt, total_steps: int, params_dtype):
+    """Megatron optimizer (+ LR scheduler over ``total_steps`` optimizer steps) over
+    ``ddp_chunks``, from the optimizer section ``opt``."""
+    from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     adamw_fallback.apply()
-    config = OptimizerConfig(
-        optimizer="adam", lr=settings.lr, min_lr=settings.min_lr,
-        weight_decay=settings.weight_decay, adam_beta1=settings.adam_beta1,
-        adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps, clip_grad=settings.clip_grad,
-        bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
-        params_dtype=params_dtype, use_distributed_optimizer=settings.distributed,
-        overlap_param_gather=settings.overlap_param_gather and settings.distributed)
-    optimizer = get_megatron_optimizer(config, ddp_chunks)
-    model_config = ddp_chunks[0].config
-    model_config.grad_scale_func = optimizer.scale_loss
-    if settings.overlap_grad_reduce:
-        model_config.no_sync_func = [c.no_sync for c in ddp_chunks]
-        if len(ddp_chunks) == 1:
-            model_config.no_sync_func = model_config.no_sync_func[0]
-        model_config.grad_sync_func = [c.start_grad_sync for c in ddp_chunks]
-        if len(ddp_chunks) == 1:
-            model_config.grad_sync_func = model_config.grad_sync_func[0]
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if settings.warmup_steps else settings.lr, max_lr=settings.lr,
-        min_lr=settings.min_lr, lr_warmup_steps=settings.warmup_steps,
-        lr_decay_steps=max(settings.decay_steps, settings.warmup_steps + 1),
-        lr_decay_style="WSD" if settings.decay_style == "wsd" else settings.decay_style,
-        wsd_decay_steps=settings.wsd_decay_steps, lr_wsd_decay_style="linear",
-        start_wd=settings.weight_decay,
-        end_wd=settings.weight_decay, wd_incr_steps=1, wd_incr_style="constant")
+    optimizer = get_megatron_optimizer(megatron_optimizer_config(opt, params_dtype), ddp_chunks)
+    ddp_chunks[0].config.grad_scale_func = optimizer.scale_loss
+    scheduler = OptimizerParamScheduler(optimizer, **scheduler_kwargs(opt, total_steps))
     return optimizer, scheduler

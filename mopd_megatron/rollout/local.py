@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..rollout.engine import NamedTensorBucket, RolloutEngine, Sample, SamplingParams
+from .engine import NamedTensorBucket, RolloutEngine, Sample, SamplingParams
 
 __all__ = ["sample_tokens", "LocalEngine"]
 
@@ -139,6 +139,14 @@ class LocalEngine(InProcessEngine):
 
     def generate(self, prompts_token_ids: Sequence[Sequence[int]], n: int,
                  sampling: SamplingParams) -> list[Sample]:
+        # It samples the full tempered distribution; silently ignoring a truncation would hand
+        # back samples (and log mu) of another distribution than the one asked for.
+        if sampling.top_p != 1.0 or sampling.top_k != -1:
+            raise ValueError(
+                f"LocalEngine samples untruncated only (top_p=1, top_k=-1), got top_p="
+                f"{sampling.top_p}, top_k={sampling.top_k}: MOPD's importance weight "
+                "pi_theta/mu needs log mu of the distribution the tokens were drawn from, and "
+                "truncated sampling is not supported (see rollout.top_p)")
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
         self.calls += 1
         flat = [list(p) for p in prompts_token_ids for _ in range(n)]

@@ -12,8 +12,8 @@ from typing import Sequence
 
 import torch
 
-from ..rollout.engine import RolloutEngine, Sample, SamplingParams
-from .generate import InProcessEngine
+from .engine import RolloutEngine, Sample, SamplingParams
+from .local import InProcessEngine
 
 __all__ = ["RecordingEngine", "ReplayEngine"]
 
@@ -23,8 +23,8 @@ class RecordingEngine(RolloutEngine):
 
     def __init__(self, inner: RolloutEngine, path: str | Path):
         self.inner, self.path, self.calls = inner, Path(path), []
-        self.collective = getattr(inner, "collective", False)
-        self.needs_weight_sync = getattr(inner, "needs_weight_sync", True)
+        self.collective = inner.collective
+        self.needs_weight_sync = inner.needs_weight_sync
 
     def generate(self, prompts_token_ids, n, sampling):
         out = self.inner.generate(prompts_token_ids, n, sampling)
@@ -34,11 +34,10 @@ class RecordingEngine(RolloutEngine):
         return out
 
     def state_dict(self) -> dict:
-        return getattr(self.inner, "state_dict", dict)()
+        return self.inner.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if hasattr(self.inner, "load_state_dict"):
-            self.inner.load_state_dict(state)
+        self.inner.load_state_dict(state)
 
     def update_weights(self, buckets, version):
         return self.inner.update_weights(buckets, version)
