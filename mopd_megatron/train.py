@@ -218,6 +218,10 @@ class Trainer:
         m["optim/skipped"] = float(sum(not r.ok for r in results))
         if results[-1].grad_norm is not None:
             m["optim/grad_norm"] = results[-1].grad_norm
+        for s in batch.samples:  # multi-engine fleets: how generation was spread
+            if "server" in s.meta:
+                key = f"rollout/samples/engine{s.meta['server']}"
+                m[key] = m.get(key, 0.0) + 1
         lens = [len(s.token_ids) for s in batch.samples]
         m["response_len/mean"] = sum(lens) / len(lens)
         m["rollout/truncated_frac"] = sum(s.finish_reason == "length" for s in batch.samples) / len(lens)

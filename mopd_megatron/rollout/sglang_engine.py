@@ -156,7 +156,11 @@ class SGLangEngine(RolloutEngine):
             raise RolloutError(f"/generate: a batch of {len(items)} samples got "
                                f"{len(out) if isinstance(out, list) else type(out).__name__} "
                                "answers")
-        return [_parse_sample(o, pi, si, p, retries) for o, (p, pi, si, _) in zip(out, items)]
+        samples = [_parse_sample(o, pi, si, p, retries) for o, (p, pi, si, _) in zip(out, items)]
+        if server is not None:
+            for s in samples:
+                s.meta["server"] = server  # which engine of the fleet generated it
+        return samples
 
     def score(self, sequences: Sequence[Sequence[int]],
               server: int | None = None) -> list[list[float]]:

@@ -1,0 +1,43 @@
+"""Finding the processes of one launcher run, to prove none outlives it.
+
+A test sets MOPD_LAUNCHER_TEST_RUN=<marker> in the environment of what it launches; every
+child (trainer ranks, SGLang servers and their scheduler/detokenizer processes) inherits it,
+so /proc finds them all, whatever process group or session they moved to.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+MARK = "MOPD_LAUNCHER_TEST_RUN"
+
+
+def marked_processes(marker: str) -> dict[int, str]:
+    """pid -> command line of live processes whose environment holds MARK=marker."""
+    want = f"{MARK}={marker}".encode()
+    found = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            if want in (p / "environ").read_bytes().split(b"\0"):
+                found[int(p.name)] = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                    errors="replace")
+        except OSError:
+            continue
+    return found
+
+
+def left_behind(marker: str, grace_s: float = 15.0) -> dict[int, str]:
+    """Processes of this run still alive after grace_s; killed (by pid) before returning."""
+    deadline = time.monotonic() + grace_s
+    while (left := marked_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left

@@ -1,0 +1,115 @@
+"""Two nodes emulated on one machine: two torchrun agents (--nnodes 2, 2 ranks each) run MOPD
+steps of the tiny recipe with colocated SGLang engines, one real CPU server per emulated node.
+
+Asserted from the run's own metrics and output, per step:
+- each node's local rank 0 started its node's engine, at the place `mopd train --dry-run`
+  prints for the same shape (the same function decides both);
+- each engine was loaded by a rank of its own node only (global rank 0 loaded node 0's engine,
+  never node 1's), over same-node shared memory;
+- generation was driven over both engines from global rank 0;
+- every engine's parity probe matched the trainer after every sync;
+- engines released their memory after the rollout and resumed it before the sync;
+- no server outlived the run.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dist_helpers import free_port
+from launch_helpers import left_behind
+from train_helpers import ROOT, recipe_overrides, tiny_inputs
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("sglang") is None,
+                                 reason="needs the SGLang CPU harness (tests/harness/sglang_cpu/setup.sh)")]
+
+NODES, PER_NODE, STEPS = 2, 2, 2
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_inputs(tmp_path_factory.mktemp("emulation") / "tiny")
+
+
+def _overrides(tiny: Path, run: Path, port: int, layout: list[str]) -> list[str]:
+    return recipe_overrides(tiny, run, steps=STEPS, extra=[
+        "rollout.engine=sglang", "rollout.mode=colocated", f"model.checkpoint={tiny}/student/hf",
+        "model.checkpoint_format=hf", f"rollout.base_port={port}", "rollout.startup_timeout_s=240",
+        f"rollout.server_log_dir={run}/sglang", "rollout.parity_interval=1",
+        "rollout.server_cpu_threads=1", "train.cpu_threads=1", "logging.console=true", *layout])
+
+
+def _placement(text: str) -> list[str]:
+    return re.findall(r"^placement (node .*)$", text, re.M)
+
+
+def _emulate(tiny: Path, run: Path, layout: list[str]) -> tuple[str, list[dict], list[str]]:
+    """Run both agents; (rank 0's output, metrics per step, the dry-run's placement lines)."""
+    port = 20000 + free_port() % 20000  # engines take base_port .. base_port + 1
+    sets = [a for o in _overrides(tiny, run, port, layout) for a in ("--set", o)]
+    marker = uuid.uuid4().hex
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+               MOPD_LAUNCHER_TEST_RUN=marker)
+    dry = subprocess.run([sys.executable, "-m", "mopd_megatron.cli", "train", "--dry-run",
+                          "--nodes", str(NODES), "--ranks-per-node", str(PER_NODE), *sets],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
+    rdzv = free_port()
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(NODES), "--node-rank",
+         str(n), "--nproc-per-node", str(PER_NODE), "--rdzv-backend", "c10d",
+         "--rdzv-endpoint", f"127.0.0.1:{rdzv}", "-m", "mopd_megatron.cli", "train", *sets],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for n in range(NODES)]
+    try:
+        outs = [a.communicate(timeout=900)[0] for a in agents]
+    finally:
+        for a in agents:
+            a.kill()
+        left = left_behind(marker)
+    for a, out in zip(agents, outs):
+        assert a.returncode == 0, out[-6000:]
+    assert not left, f"processes outlived the run: {left}"
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return outs[0], steps, _placement(dry.stdout)
+
+
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2"]], ids=["tp2xdp2", "pp2xdp2"])
+def test_colocated_engines_on_two_emulated_nodes(tiny, tmp_path, layout):
+    out, steps, planned = _emulate(tiny, tmp_path / "run", layout)
+    # The run placed exactly what the dry-run printed: one engine per node, node 1's on its own
+    # port, each next to its node's ranks.
+    launched = _placement(out)
+    assert launched == planned and len(launched) == NODES, (launched, planned)
+    assert launched[0].startswith("node 0: ranks 0-1; engine 0 on port")
+    assert launched[1].startswith("node 1: ranks 2-3; engine 0 on port")
+    assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
+    for s in steps:
+        # engine i is node i's (the fleet is gathered node by node): loaded by that node's
+        # local rank 0 only, so global rank 0 loaded node 0's engine and not node 1's.
+        assert s["sync/loader_rank/engine0"] == 0 and s["sync/loader_rank/engine1"] == 2, s
+        assert s["sync/bytes/engine0"] == s["sync/bytes/engine1"] > 0
+        assert s["sync/transport/shm"] == s["sync/bytes"]
+        # generation spread over both engines (a prompt's 4 samples on one)
+        assert s["rollout/samples/engine0"] > 0 and s["rollout/samples/engine1"] > 0
+        assert s["rollout/samples/engine0"] % 4 == 0
+        assert s["rollout/samples/engine0"] + s["rollout/samples/engine1"] == 16
+        # every engine runs the weights the trainer just pushed (fp32: float noise)
+        assert s["rollout/parity_mean_abs/engine0"] < 0.01 and s["rollout/parity_mean_abs/engine1"] < 0.01
+        # fresh samples from synced engines: the ratio is 1 up to the same noise
+        assert abs(s["rollout/train_minus_rollout_logp"]) < 0.01 and s["is/masked_frac"] == 0
+        assert "time/release" in s and "time/resume" in s
+    # The servers' own logs: each was released and resumed once per step.
+    for n in range(NODES):
+        log = (tmp_path / "run" / "sglang" / f"sglang_node{n}_0.log").read_text()
+        assert log.count("/release_memory_occupation") == STEPS, n
+        assert log.count("/resume_memory_occupation") == STEPS, n
