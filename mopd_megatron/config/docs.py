@@ -1,10 +1,11 @@
-"""The README's "All recipe fields" table, rendered from the config dataclasses' own help.
+"""The recipe-field table of docs/recipes.md ("All recipe fields"), rendered from the config
+dataclasses' own help.
 
-    python -m mopd_megatron.config.docs README.md          # rewrite the table in place
-    python -m mopd_megatron.config.docs README.md --check  # exit 1 if the README is stale
+    python -m mopd_megatron.config.docs docs/recipes.md          # rewrite the table in place
+    python -m mopd_megatron.config.docs docs/recipes.md --check  # exit 1 if the table is stale
 
-The table sits between the two marker comments below; a test runs --check so the README
-cannot drift from the code.
+The table sits between the two marker comments below; a test (tests/test_config.py) runs
+--check so the documentation cannot drift from the code.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from .base import field_docs
 
 __all__ = ["field_table", "replace_table", "BEGIN", "END"]
 
-BEGIN = "<!-- recipe-fields:begin (python -m mopd_megatron.config.docs README.md) -->"
+BEGIN = "<!-- recipe-fields:begin (python -m mopd_megatron.config.docs docs/recipes.md) -->"
 END = "<!-- recipe-fields:end -->"
 
 
@@ -40,7 +41,7 @@ def field_table() -> str:
     return "\n".join(lines)
 
 
-def replace_table(text: str, source: str = "README.md") -> str:
+def replace_table(text: str, source: str = "docs/recipes.md") -> str:
     """text with the block between BEGIN and END replaced by the current table."""
     try:
         head, rest = text.split(BEGIN, 1)
@@ -53,7 +54,7 @@ def replace_table(text: str, source: str = "README.md") -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mopd_megatron.config.docs",
                                  description="Render the recipe-field table into a markdown file.")
-    ap.add_argument("path", help="markdown file holding the table markers (README.md)")
+    ap.add_argument("path", help="markdown file holding the table markers (docs/recipes.md)")
     ap.add_argument("--check", action="store_true",
                     help="do not write; exit 1 when the file's table differs from the code")
     args = ap.parse_args(argv)

@@ -39,8 +39,13 @@ class RolloutConfig:
         "colocated", "colocated: engines share the training GPUs and alternate with training; "
                      "dedicated: engines on their own nodes; external: already-running servers "
                      "at rollout.external_urls.")
-    external_urls: list[str] = doc(help="Server base URLs for mode=external (http://host:port).",
-                                   factory=list)
+    external_urls: list[str] = doc(
+        help="Base URLs (http://host:port) of engines the trainer does not start: mode=external "
+             "(someone else's servers, never restarted), or mode=dedicated engines that "
+             "slurm/launch.sh started on engine nodes (weights then go over a weight-update "
+             "process group: NCCL on GPU, gloo on CPU). dedicated without URLs: global rank 0 "
+             "launches rollout.num_engines servers on its own node.",
+        factory=list)
     num_engines: int = doc(1, "Engine servers of a dedicated mode: on the launcher's engine "
                               "nodes (Slurm), or launched by global rank 0 outside Slurm.")
     engines_per_node: int | None = doc(
@@ -97,9 +102,10 @@ class RolloutConfig:
     def __post_init__(self):
         if self.mode == "external":
             check(len(self.external_urls) > 0, self, "external_urls", "mode=external needs server URLs")
-        else:
+        elif self.mode == "colocated":
             check(len(self.external_urls) == 0, self, "external_urls",
-                  f"only used with mode=external (mode is {self.mode!r})")
+                  "colocated engines are started by the trainer on its own nodes; URLs are for "
+                  "mode=external or launcher-started dedicated engines")
         check(self.num_engines >= 1, self, "num_engines", "must be >= 1")
         check(self.engines_per_node is None or self.engines_per_node >= 1, self,
               "engines_per_node", "must be >= 1 or null")

@@ -91,29 +91,42 @@ def place(cfg: MOPDConfig, hosts: list[str], gpus_per_node: int, tasks_per_node:
                     urls.append(f"http://{h}:{ro.base_port + i}")
         desc = (f"dedicated: {len(urls)} SGLang engine(s) (server_tp_size={ro.server_tp_size}) on "
                 f"{len(eng)} node(s) [{', '.join(eng)}], started by this script; the trainer gets "
-                "them as rollout.mode=external")
+                "their URLs and loads weights over a weight-update group (NCCL)")
     return Placement(hosts, gpus_per_node, ranks_per_node, train, eng, par.tp, par.pp, dp, desc,
                      urls, per_node)
 
 
 def engine_overrides(p: Placement) -> list[str]:
-    """Overrides that hand launcher-started dedicated engines to the trainer."""
+    """Overrides that hand launcher-started dedicated engines to the trainer (as dedicated
+    engines: it connects their weight-update group)."""
     if not p.engine_urls:
         return []
-    return ["rollout.mode=external", "rollout.external_urls=[" + ",".join(p.engine_urls) + "]"]
+    return ["rollout.external_urls=[" + ",".join(p.engine_urls) + "]"]
 
 
-def engine_command(cfg: MOPDConfig, p: Placement, python: str) -> str:
+def engine_command(cfg: MOPDConfig, python: str, device: str = "cuda",
+                   host: str = "0.0.0.0") -> str:
     """Per-task command of the dedicated-engine step: task SLURM_LOCALID serves GPUs
-    [id*tp, (id+1)*tp) on port base_port + id."""
-    if not p.engine_urls:
-        return ""
+    [id*tp, (id+1)*tp) on port base_port + id. The server command and environment are the
+    trainer's own (rollout/server.py::ServerSpec), so launched and launcher-started engines
+    run alike; ``device`` cpu is the emulation the tests run."""
+    from ..rollout.server import DEVICE_PROFILES, ServerSpec
     ro, tp = cfg.rollout, cfg.rollout.server_tp_size
-    gpus = f"$(seq -s, $((SLURM_LOCALID*{tp})) $((SLURM_LOCALID*{tp}+{tp - 1})))"
-    return (f"CUDA_VISIBLE_DEVICES={gpus} exec {shlex.quote(python)} -m sglang.launch_server "
-            f"--model-path {shlex.quote(cfg.model.checkpoint or cfg.model.hf_config)} "
-            f"--tp-size {tp} --host 0.0.0.0 --port $(({ro.base_port}+SLURM_LOCALID)) "
-            f"--mem-fraction-static {ro.mem_fraction_static}")
+    port = "$((" + str(ro.base_port) + "+SLURM_LOCALID))"
+    spec = ServerSpec(model_path=cfg.model.checkpoint or cfg.model.hf_config, port=0, host=host,
+                      tp_size=tp, mem_fraction_static=ro.mem_fraction_static, device=device,
+                      max_total_tokens=ro.max_total_tokens, cpu_threads=ro.server_cpu_threads,
+                      extra_args=tuple(ro.server_args))
+    cmd = spec.command()
+    cmd[0] = python
+    cmd[cmd.index("--port") + 1] = port
+    env = dict(DEVICE_PROFILES[device].env)
+    if device == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = f"$(seq -s, $((SLURM_LOCALID*{tp})) $((SLURM_LOCALID*{tp}+{tp - 1})))"
+    elif ro.server_cpu_threads is not None:
+        env["OMP_NUM_THREADS"] = str(ro.server_cpu_threads)
+    quoted = [c if c == port else shlex.quote(c) for c in cmd]
+    return " ".join([*(f"{k}={v}" for k, v in env.items()), "exec", *quoted])
 
 
 def memory_plan(cfg: MOPDConfig, args: argparse.Namespace) -> Plan | None:
@@ -198,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "MOPD_ENGINE_HOSTS": ",".join(p.engine_hosts),
             "MOPD_ENGINE_NNODES": str(len(p.engine_hosts)),
             "MOPD_ENGINES_PER_NODE": str(p.engines_per_node if p.engine_urls else 0),
-            "MOPD_ENGINE_CMD": engine_command(cfg, p, args.python),
+            "MOPD_ENGINE_CMD": engine_command(cfg, args.python) if p.engine_urls else "",
             "MOPD_ENGINE_OVERRIDES": " ".join(engine_overrides(p)),
             "MOPD_LAYOUT": f"TP={p.tp} PP={p.pp} DP={p.dp}",
         }

@@ -2,7 +2,7 @@
 
 The loop only talks to this interface; SGLang is one implementation (sglang_engine.py). A
 sample carries the engine's own per-token log-probs, which are log mu in the MOPD importance
-weight w_t = pi_theta / mu, and the weight version that produced it (staleness check).
+weight w_t = pi_theta / mu, and the weight version that produced it.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence
@@ -63,6 +64,11 @@ class SGLangEngine(RolloutEngine):
         self._pool = ThreadPoolExecutor(max_workers=concurrency * len(urls),
                                         thread_name_prefix="sglang-rollout")
         self._abort = threading.Event()
+        self._stopping = threading.Event()
+        self._released: dict[int, int] = {}  # server index -> epoch it was released in
+        # Servers someone else restarts (colocated engines on other nodes, restarted by their
+        # node's watchdog): how long to wait for one to answer again before giving up.
+        self.restart_wait_s = 0.0
         self._locks = [threading.Lock() for _ in urls]
         self._epochs = [0] * len(urls)      # bumped on each restart of server i
         self._rr = itertools.count()
@@ -110,7 +116,7 @@ class SGLangEngine(RolloutEngine):
         """From a RolloutConfig (mopd_megatron.config): external URLs or launched servers."""
         common = dict(concurrency=cfg.concurrency, request_timeout_s=cfg.request_timeout_s,
                       samples_per_request=cfg.samples_per_request)
-        if cfg.mode == "external":
+        if cfg.external_urls:  # external, or dedicated engines the launcher started
             return cls.connect(cfg.external_urls, **common)
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
@@ -216,8 +222,12 @@ class SGLangEngine(RolloutEngine):
             if not dead and client.healthy(self.health_timeout_s):
                 return  # transient (e.g. one slow request); resubmit as is
             if server is None:
+                if self.restart_wait_s > 0 and self._wait_answering(client):
+                    log.warning("%s answers again (restarted where it runs)", client.url)
+                    self._epochs[idx] += 1
+                    return
                 raise RolloutError(f"server {client.url} is down and was not launched by this "
-                                   "job, so it cannot be restarted")
+                                   "process, so it cannot be restarted here")
             log.warning("restarting SGLang server %s (process %s)", client.url,
                         "dead" if dead else "unresponsive")
             server.restart()
@@ -225,15 +235,37 @@ class SGLangEngine(RolloutEngine):
             self._resync_restarted(idx)
             self._epochs[idx] += 1
 
+    def _wait_answering(self, client: ServerClient) -> bool:
+        deadline = time.monotonic() + self.restart_wait_s
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            if client.healthy(self.health_timeout_s):
+                return True
+            time.sleep(1.0)
+        return False
+
+    def watch(self, interval_s: float = 2.0) -> None:
+        """Restart, from a background thread, every launched server whose process died. The
+        node that runs a colocated engine restarts it: the driver on node 0 cannot, and waits
+        for it (restart_wait_s)."""
+        def loop():
+            while not self._stopping.wait(interval_s):
+                for idx, server in enumerate(self.servers):
+                    if server is not None and not server.alive() and not self._stopping.is_set():
+                        try:
+                            self._recover(idx, self._epochs[idx])
+                        except Exception:  # noqa: BLE001 - the next request reports it
+                            log.exception("restarting %s failed", self.clients[idx].url)
+        threading.Thread(target=loop, daemon=True, name="sglang-watchdog").start()
+
     def _resync_restarted(self, idx: int) -> None:
-        # A fresh server holds model_path's weights: without a source it would silently sample
-        # from the initial policy. Its samples then carry weight_version "default", which the
-        # trainer's staleness check sees.
+        # A fresh server holds model_path's weights. Without a weight source it samples from
+        # the initial policy until the next sync: its samples carry weight_version "default"
+        # and their own log mu, so the IS weight pi_theta/mu is still the right ratio.
         if self.version == "default":
             return
         if self.weight_source is None:
-            log.error("restarted %s has initial weights, not version %s (no weight_source)",
-                      self.clients[idx].url, self.version)
+            log.warning("restarted %s has the initial weights until the next sync (version %s "
+                        "elsewhere)", self.clients[idx].url, self.version)
             return
         push_tensor_buckets([self.clients[idx]], [self.tp_sizes[idx]], self.weight_source(),
                             self.version, self.weight_update_api(), self.pause_mode)
@@ -274,6 +306,7 @@ class SGLangEngine(RolloutEngine):
                        version: str, handles: Handles | None = None) -> SyncStats:
         """Load the buckets into every server: over the weight-update group when connected,
         else through same-node shared storage (``handles``: see push_tensor_buckets)."""
+        self._revive_dead()
         api = self.weight_update_api()
         if self._dist_sync is not None:
             stats = self._dist_sync.push(named_tensor_buckets, version, api)
@@ -285,13 +318,24 @@ class SGLangEngine(RolloutEngine):
 
     def release_memory(self, tags: Sequence[str] | None = None) -> None:
         body = {} if tags is None else {"tags": list(tags)}
-        for c in self.clients:
+        self._revive_dead()
+        for i, c in enumerate(self.clients):
             c.post("/release_memory_occupation", body)
+            self._released[i] = self._epochs[i]
 
     def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Re-occupy what release_memory freed; a server restarted since never released."""
         body = {} if tags is None else {"tags": list(tags)}
-        for c in self.clients:
-            c.post("/resume_memory_occupation", body)
+        self._revive_dead()
+        for i, c in enumerate(self.clients):
+            if self._released.pop(i, None) == self._epochs[i]:
+                c.post("/resume_memory_occupation", body)
+
+    def _revive_dead(self) -> None:
+        """Restart launched servers whose process is gone, before calls that cannot retry."""
+        for idx, server in enumerate(self.servers):
+            if server is not None and not server.alive():
+                self._recover(idx, self._epochs[idx])
 
     def health(self) -> dict[str, bool]:
         out = {}
@@ -300,6 +344,7 @@ class SGLangEngine(RolloutEngine):
         return out
 
     def shutdown(self) -> None:
+        self._stopping.set()
         self.disconnect_weight_group()
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.router is not None:
@@ -313,7 +358,7 @@ def server_specs_from_config(cfg, model_path: str, log_dir: str | None = None,
                              device: str = "auto", extra_args: Sequence[str] = ()) -> list[ServerSpec]:
     """One ServerSpec per engine of a RolloutConfig: consecutive ports from base_port, all
     bound to cfg.host; memory saver only when colocated (and only where the device has it)."""
-    if cfg.mode == "external":
+    if cfg.mode == "external" or cfg.external_urls:
         raise ValueError("rollout.mode=external launches no servers (it uses external_urls)")
     return [ServerSpec(model_path=model_path, port=cfg.base_port + i, host=cfg.host,
                        tp_size=cfg.server_tp_size, mem_fraction_static=cfg.mem_fraction_static,

@@ -161,10 +161,16 @@ class DistributedWeightSync:
                        backend=self.backend) for off in offsets]
         # The servers' calls block in the rendezvous until the trainer joins: run them aside.
         threads = _call_all(self.clients, "/init_weights_update_group", bodies, self.timeout_s)
+        # The trainer hosts the group's store itself. Through init_method=tcp://, a trainer
+        # started by torchrun (TORCHELASTIC_USE_AGENT_STORE=True) would join torchrun's agent
+        # store as a client instead of serving this one, and the servers would wait forever.
+        timeout = datetime.timedelta(seconds=self.timeout_s)
+        store = torch.distributed.TCPStore(self.master_address, self.master_port,
+                                           self.world_size, is_master=True, timeout=timeout)
         self._group = init_custom_process_group(
-            backend=self.backend, init_method=f"tcp://{self.master_address}:{self.master_port}",
-            world_size=self.world_size, rank=0, group_name=self.group_name,
-            timeout=datetime.timedelta(seconds=self.timeout_s))
+            backend=self.backend, store=torch.distributed.PrefixStore(self.group_name, store),
+            world_size=self.world_size, rank=0, group_name=self.group_name, timeout=timeout)
+        self._store = store
         _join_all(threads)
 
     def push(self, buckets: Iterable[NamedTensorBucket], version: str, api: str) -> SyncStats:

@@ -268,8 +268,26 @@ def build_engines(cfg: MOPDConfig, chunks: list, inputs: Inputs, layout) -> Engi
         if layout.rank != 0:
             return Engines(None)
         engine = SGLangEngine.from_config(ro, _engine_model_path(cfg), log_dir=ro.server_log_dir)
+        if ro.mode == "dedicated" and ro.external_urls:
+            # Engines on other nodes cannot map this node's memory: weights go over a process
+            # group of global rank 0 and every server TP rank.
+            engine.connect_weight_group(*_weight_group_address())
         return Engines(engine, engine)
     return _colocated_engines(cfg, layout)
+
+
+def _weight_group_address() -> tuple[str, int]:
+    """Where rank 0 hosts the weight-update group: the job's master address (the servers
+    reach rank 0 there), on a port free now."""
+    import socket
+
+    from ..runtime import launch_env
+    # An address, not a name: "localhost" may resolve to ::1 on one side and 127.0.0.1 on the
+    # other, and the group's rendezvous then never completes.
+    addr = socket.gethostbyname(launch_env().master_addr)
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return addr, s.getsockname()[1]
 
 
 def _engine_model_path(cfg: MOPDConfig) -> str | None:
@@ -320,6 +338,7 @@ def _colocated_engines(cfg: MOPDConfig, layout) -> Engines:
                                    concurrency=ro.concurrency,
                                    request_timeout_s=ro.request_timeout_s,
                                    samples_per_request=ro.samples_per_request)
+        node.watch()  # a dead engine is restarted on its own node
         urls = [c.url for c in node.clients]
     every = [None] * layout.world_size
     dist.all_gather_object(every, urls)
@@ -329,4 +348,5 @@ def _colocated_engines(cfg: MOPDConfig, layout) -> Engines:
         driver = SGLangEngine.connect(fleet, concurrency=ro.concurrency,
                                       request_timeout_s=ro.request_timeout_s,
                                       samples_per_request=ro.samples_per_request)
+        driver.restart_wait_s = ro.startup_timeout_s  # its node's watchdog restarts it
     return Engines(driver, node, placement)
