@@ -40,9 +40,10 @@ def tiny(tmp_path_factory):
     return tiny_inputs(tmp_path_factory.mktemp("emulation") / "tiny")
 
 
-def _overrides(tiny: Path, run: Path, port: int, layout: list[str]) -> list[str]:
-    return recipe_overrides(tiny, run, steps=STEPS, extra=[
+def _overrides(tiny: Path, run: Path, port: int, layout: list[str], steps: int = STEPS) -> list[str]:
+    return recipe_overrides(tiny, run, steps=steps, extra=[
         "rollout.engine=sglang", "rollout.mode=colocated", f"model.checkpoint={tiny}/student/hf",
+        "rollout.max_total_tokens=8192",
         "model.checkpoint_format=hf", f"rollout.base_port={port}", "rollout.startup_timeout_s=240",
         f"rollout.server_log_dir={run}/sglang", "rollout.parity_interval=1",
         "rollout.server_cpu_threads=1", "train.cpu_threads=1", "logging.console=true", *layout])
@@ -52,11 +53,12 @@ def _placement(text: str) -> list[str]:
     return re.findall(r"^placement (node .*)$", text, re.M)
 
 
-def _emulate(tiny: Path, run: Path, layout: list[str]) -> tuple[str, list[dict], list[str]]:
+def _emulate(tiny: Path, run: Path, layout: list[str], port: int | None = None,
+             marker: str | None = None, steps: int = STEPS) -> tuple[str, list[dict], list[str]]:
     """Run both agents; (rank 0's output, metrics per step, the dry-run's placement lines)."""
-    port = 20000 + free_port() % 20000  # engines take base_port .. base_port + 1
-    sets = [a for o in _overrides(tiny, run, port, layout) for a in ("--set", o)]
-    marker = uuid.uuid4().hex
+    port = port or 20000 + free_port() % 20000  # engines take base_port .. base_port + 1
+    sets = [a for o in _overrides(tiny, run, port, layout, steps) for a in ("--set", o)]
+    marker = marker or uuid.uuid4().hex
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
                MOPD_LAUNCHER_TEST_RUN=marker)
     dry = subprocess.run([sys.executable, "-m", "mopd_megatron.cli", "train", "--dry-run",
@@ -64,18 +66,24 @@ def _emulate(tiny: Path, run: Path, layout: list[str]) -> tuple[str, list[dict],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
     rdzv = free_port()
-    agents = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(NODES), "--node-rank",
-         str(n), "--nproc-per-node", str(PER_NODE), "--rdzv-backend", "c10d",
-         "--rdzv-endpoint", f"127.0.0.1:{rdzv}", "-m", "mopd_megatron.cli", "train", *sets],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for n in range(NODES)]
+    run.mkdir(parents=True, exist_ok=True)
+    logs = [run / f"agent{n}.log" for n in range(NODES)]
+    agents = []
+    for n in range(NODES):
+        with open(logs[n], "w") as log:
+            agents.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(NODES),
+                 "--node-rank", str(n), "--nproc-per-node", str(PER_NODE), "--rdzv-backend",
+                 "c10d", "--rdzv-endpoint", f"127.0.0.1:{rdzv}", "-m", "mopd_megatron.cli",
+                 "train", *sets], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
     try:
-        outs = [a.communicate(timeout=900)[0] for a in agents]
+        for a in agents:
+            a.wait(timeout=800)
     finally:
         for a in agents:
             a.kill()
         left = left_behind(marker)
+    outs = [log.read_text() for log in logs]
     for a, out in zip(agents, outs):
         assert a.returncode == 0, out[-6000:]
     assert not left, f"processes outlived the run: {left}"
@@ -113,3 +121,90 @@ def test_colocated_engines_on_two_emulated_nodes(tiny, tmp_path, layout):
         log = (tmp_path / "run" / "sglang" / f"sglang_node{n}_0.log").read_text()
         assert log.count("/release_memory_occupation") == STEPS, n
         assert log.count("/resume_memory_occupation") == STEPS, n
+
+
+def test_dedicated_engines_on_a_third_node_load_over_the_update_group(tiny, tmp_path):
+    """Two servers started by the launcher's own engine-step command (slurm/launch.sh runs it
+    once per task of an srun step on the engine nodes; here SLURM_LOCALID 0 and 1 on a third
+    emulated node), handed to the trainer as dedicated engines: weights go over the gloo
+    weight-update group that global rank 0 hosts, never through shared memory."""
+    from mopd_megatron.config import load_recipe
+    from mopd_megatron.launch.slurm import engine_command
+    from mopd_megatron.rollout.server import server_environment, wait_healthy
+    from train_helpers import RECIPE
+    # The servers carry their own marker: they outlive the trainer by design (the launcher
+    # stops its engine step), and must be gone once this test stops them.
+    run, port, marker = tmp_path / "run", 20000 + free_port() % 20000, uuid.uuid4().hex
+    cfg = load_recipe(RECIPE, _overrides(tiny, run, port, []))
+    cmd = engine_command(cfg, sys.executable, device="cpu", host="127.0.0.1")
+    (run / "sglang").mkdir(parents=True)
+    servers = []
+    try:
+        for i in range(2):
+            env = dict(server_environment(), SLURM_LOCALID=str(i), MOPD_LAUNCHER_TEST_RUN=marker,
+                       PYTHONPATH=str(ROOT))
+            with open(run / "sglang" / f"engine_node_{i}.log", "wb") as log:
+                servers.append(subprocess.Popen(["bash", "-c", cmd], env=env, stdout=log,
+                                                stderr=subprocess.STDOUT, start_new_session=True))
+        urls = [f"http://127.0.0.1:{port + i}" for i in range(2)]
+        for url in urls:
+            wait_healthy(url, 240)
+        out, steps, planned = _emulate(tiny, run, [
+            "parallel.tp=2", "rollout.mode=dedicated", f"rollout.external_urls=[{','.join(urls)}]"],
+            port=port)
+    finally:
+        for s in servers:
+            try:
+                os.killpg(s.pid, 9)
+            except ProcessLookupError:
+                pass
+        left = left_behind(marker, grace_s=10)
+    assert not left, left
+    assert planned == [] and _placement(out) == []  # no colocated placement: nothing launched
+    assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
+    for s in steps:
+        # rank 0 (rank 0 of the update group) broadcast every byte to both engines
+        assert s["sync/loader_rank/engine0"] == 0 and s["sync/loader_rank/engine1"] == 0
+        assert s["sync/transport/broadcast"] == s["sync/bytes"] > 0 and "sync/transport/shm" not in s
+        assert s["rollout/parity_mean_abs/engine0"] < 0.01 and s["rollout/parity_mean_abs/engine1"] < 0.01
+        assert s["rollout/samples/engine0"] > 0 and s["rollout/samples/engine1"] > 0
+    for i in range(2):
+        log = (run / "sglang" / f"engine_node_{i}.log").read_text()
+        assert log.count("/update_weights_from_distributed") >= STEPS
+        assert "/update_weights_from_tensor" not in log
+
+
+def test_an_engine_killed_on_node_1_is_restarted_there_and_the_run_completes(tiny, tmp_path):
+    """SIGKILL node 1's server once step 1 is logged: node 1's watchdog restarts it on its own
+    node, the driver on node 0 waits for it and resubmits, the next sync loads it, and every
+    step completes with every engine's parity in agreement."""
+    import signal
+    import threading
+    import time
+
+    from launch_helpers import marked_processes
+    run, port, marker, steps = tmp_path / "run", 20000 + free_port() % 20000, uuid.uuid4().hex, 4
+    killed = []
+
+    def kill_node1_engine():
+        deadline = time.monotonic() + 600
+        metrics = run / "metrics.jsonl"
+        while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text()):
+            time.sleep(0.2)
+        for pid, cmd in marked_processes(marker).items():
+            if "sglang.launch_server" in cmd and f"--port {port + 1} " in cmd:
+                os.killpg(pid, signal.SIGKILL)  # the server and its scheduler/detokenizer
+                killed.append(pid)
+    killer = threading.Thread(target=kill_node1_engine, daemon=True)
+    killer.start()
+    out, got, _ = _emulate(tiny, run, ["parallel.tp=2"], port=port, marker=marker, steps=steps)
+    killer.join(timeout=5)
+    assert killed, "node 1's server was never found to kill"
+    assert [s["step"] for s in got] == list(range(1, steps + 1))
+    for s in got:
+        assert s["rollout/parity_mean_abs/engine0"] < 0.01 and s["rollout/parity_mean_abs/engine1"] < 0.01
+        assert s["sync/loader_rank/engine1"] == 2  # still loaded by node 1 only
+    assert got[-1]["rollout/samples/engine1"] > 0  # it generates again after the restart
+    log = (run / "sglang" / "sglang_node1_0.log").read_text()
+    assert log.count("Started server process") == 2, "node 1's server was not restarted there"
+    assert (run / "sglang" / "sglang_node0_0.log").read_text().count("Started server process") == 1

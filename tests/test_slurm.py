@@ -10,6 +10,7 @@ MASTER_ADDR reachable with a gloo all_reduce). MOPD_SLURM_REAL_TRAINER=0 skips t
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -101,8 +102,12 @@ def test_emit_shell_for_dedicated_engines_hands_urls_to_the_trainer():
     env = dict(line.split("=", 1) for line in out.stdout.splitlines())
     assert env["MOPD_TRAIN_HOSTS"] == ",".join(f"g{i:02d}" for i in range(8))
     assert env["MOPD_ENGINE_HOSTS"] == "g08,g09" and env["MOPD_ENGINES_PER_NODE"] == "1"
-    assert env["MOPD_ENGINE_OVERRIDES"] == ("'rollout.mode=external "
-                                            "rollout.external_urls=[http://g08:30000,http://g09:30000]'")
+    # Handed over as dedicated engines (the trainer connects their weight-update group), not
+    # as external ones.
+    assert env["MOPD_ENGINE_OVERRIDES"] == "'rollout.external_urls=[http://g08:30000,http://g09:30000]'"
+    cmd = shlex.split(env["MOPD_ENGINE_CMD"])[0]
+    assert "--tp-size 8" in cmd and "--port $((30000+SLURM_LOCALID))" in cmd
+    assert "CUDA_VISIBLE_DEVICES=$(seq -s, $((SLURM_LOCALID*8)) $((SLURM_LOCALID*8+7)))" in cmd
 
 
 def test_cpu_dry_run_skips_the_memory_plan():
