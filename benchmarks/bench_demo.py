@@ -11,7 +11,10 @@ Each variant runs in its own process (Megatron state is per process) and reports
 per-domain accuracy on the held-out prompts; the table is appended to benchmarks/RESULTS.md
 under "## Embedded demo".
 
-    python benchmarks/bench_demo.py [--steps N] [--set a.b=c ...] [--no-write]
+    python benchmarks/bench_demo.py [--recipe R] [--set a.b=c ...] [--variants mopd,orm_only]
+                                    [--no-write]
+
+The budget is the recipe's; change it with --set (e.g. --set train.steps=500).
 """
 from __future__ import annotations
 

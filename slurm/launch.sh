@@ -20,7 +20,7 @@
 #   MOPD_MASTER_PORT     rendezvous port (default 20000 + job id % 20000)
 #   MOPD_LOG_DIR         per-node logs (default: $MOPD_REPO/logs/slurm/<job id>)
 #   MOPD_RANK_CMD        replaces the trainer command (bash -c string run by every rank;
-#                        used by the launcher test until `mopd train` exists)
+#                        tests/test_slurm.py's rank-check job uses it; default: mopd train)
 #   MOPD_BATCH_SCRIPT    the batch script whose #SBATCH header gives dry-run defaults
 set -euo pipefail
 
@@ -29,7 +29,8 @@ DRY=0
 for a in "$@"; do
   case $a in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "${BASH_SOURCE[0]}"
+               exit 0 ;;
     *) die "unknown argument '$a' (only --dry-run)" ;;
   esac
 done

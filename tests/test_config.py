@@ -251,14 +251,14 @@ def test_every_field_is_documented():
     assert {"loss.eps_low", "teachers[].offload", "model.fp8.recipe", "reward.verifiers.<key>.type"} <= paths
 
 
-def test_readme_field_table_matches_the_code(tmp_path):
+def test_docs_field_table_matches_the_code(tmp_path):
     from mopd_megatron.config.docs import main as docs_main
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    assert docs_main([str(readme), "--check"]) == 0, \
-        "README's recipe-field table is stale: python -m mopd_megatron.config.docs README.md"
+    page = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
+    assert docs_main([str(page), "--check"]) == 0, \
+        "docs/recipes.md's recipe-field table is stale: python -m mopd_megatron.config.docs docs/recipes.md"
     stale = tmp_path / "R.md"
-    stale.write_text(readme.read_text().replace("| `train.seed` | int | `1234` |",
-                                                "| `train.seed` | int | `1` |"))
+    stale.write_text(page.read_text().replace("| `train.seed` | int | `1234` |",
+                                              "| `train.seed` | int | `1` |"))
     assert docs_main([str(stale), "--check"]) == 1
 
 

@@ -7,7 +7,8 @@ Domains (exact-match rewards):
     reversal   "cabh>"  -> "hbac"   the string backwards
     (strings over a-h, length 3..max_len)
 
-Two-digit addition was the first choice and is documented as a negative result in the README:
+Two-digit addition was the first choice and is documented as a negative result in
+benchmarks/RESULTS.md ("Demo run history and exploration"):
 MOPD's sampled-token reverse-KL signal did not teach the carry algorithm to this 2-layer student
 in the demo's budget (the student, 1% at the start, ended at 0%), while both letter tasks improve.
 
@@ -54,7 +55,7 @@ class DemoSettings:
     max_len: int = 4                # strings of length 3..max_len. With 3..5 the student
                                     # plateaued at 97-99% (teachers 100%) within the demo's
                                     # budget, right at the 2-point target; with 3..4 the
-                                    # main-job command printed 100% / 99.5% (README)
+                                    # main-job command printed 100% / 99.5% (RESULTS.md)
     train_prompts: int = 4000       # per domain, for SFT and for MOPD prompts (20000 with
                                     # 600 teacher steps left the caesar teacher at 66%)
     eval_prompts: int = 200         # per domain, held out (never trained on)
