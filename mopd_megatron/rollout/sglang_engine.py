@@ -227,7 +227,7 @@ class SGLangEngine(RolloutEngine):
                     self._epochs[idx] += 1
                     return
                 raise RolloutError(f"server {client.url} is down and was not launched by this "
-                                   "process, so it cannot be restarted here")
+                                   "job's process, so it cannot be restarted here")
             log.warning("restarting SGLang server %s (process %s)", client.url,
                         "dead" if dead else "unresponsive")
             server.restart()
