@@ -36,7 +36,8 @@ class Trainer:
         from .teachers import TeacherPool
         self.cfg, self.hooks = cfg, dict(hooks or {})
         par = cfg.parallel
-        self.inputs = builders.preflight(cfg, launch_env().world_size)        # 1. every check
+        self.inputs = builders.preflight(cfg, launch_env().world_size,        # 1. every check
+                                         own_engine=engine is None)
         self.layout = init_runtime(par.tp, par.pp, par.vpp, cfg.train.seed)  # 2. groups, seeds
         self.device = device()
         if self.device.type == "cpu" and cfg.train.cpu_threads is not None:

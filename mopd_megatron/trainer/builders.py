@@ -53,7 +53,8 @@ class PreflightFailed(Exception):
         super().__init__("\n".join(f"  - {e}" for e in failures))
 
 
-def preflight(cfg: MOPDConfig, world_size: int, *, collect: bool = False) -> Inputs:
+def preflight(cfg: MOPDConfig, world_size: int, *, collect: bool = False,
+              own_engine: bool = True) -> Inputs:
     """Config, paths, data, verifiers and vocabularies: everything except the models.
 
     A real start stops at the first failure. ``collect`` (``mopd train --dry-run``) runs every
@@ -79,7 +80,8 @@ def preflight(cfg: MOPDConfig, world_size: int, *, collect: bool = False) -> Inp
     for e in cfg.path_errors():
         missing.add(e.path)
         run(_raise, e)
-    run(_check_engine, cfg)
+    if own_engine:  # a caller-supplied engine (tests, replay) launches nothing
+        run(_check_engine, cfg)
     run(_check_fp8, cfg)
     run(_check_export, cfg)
     # Checks that read an input run only when its path exists (reported once, above).
