@@ -18,12 +18,12 @@ def one_step_recorded(rank, world, overrides):
     from mopd_megatron.train import Trainer
     calls, weights, real = [], [], step_mod.train_step
 
-    def recording(chunks, optimizer, scheduler, mbs, loss_fn, *, vocab_size):
+    def recording(chunks, optimizer, scheduler, mbs, loss_fn, **kwargs):
         weights.append(chunks[0].module.output_layer.weight.detach().clone())
         keys = ("teacher_logp", "rollout_logp", "orm_adv", "loss_mask")
         calls.append({"mbs": id(mbs),
                       "inputs": [float(sum(mb[k].double().sum() for mb in mbs)) for k in keys]})
-        res = real(chunks, optimizer, scheduler, mbs, loss_fn, vocab_size=vocab_size)
+        res = real(chunks, optimizer, scheduler, mbs, loss_fn, **kwargs)
         tok = sum(float(m["response_tokens"]) for m in res.metrics)
         calls[-1]["gap"] = sum(abs(float(m["train_rollout_logratio"]))
                                * float(m["response_tokens"]) for m in res.metrics) / tok
