@@ -41,3 +41,31 @@ def left_behind(marker: str, grace_s: float = 15.0) -> dict[int, str]:
         except ProcessLookupError:
             pass
     return left
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL pid and every descendant (an SGLang server and its scheduler/detokenizer), but
+    not its parent: what a crash of that one server looks like. The pids killed."""
+    tree, i = [pid], 0
+    while i < len(tree):
+        for task in Path(f"/proc/{tree[i]}/task").glob("*"):
+            try:
+                tree += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        i += 1
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return tree
+
+
+def kill_when_logged(path: Path, find, timeout_s: float = 600.0) -> list[int]:
+    """Once the file at path is non-empty (a run logged its first step), kill_tree every pid
+    that find() returns; the pids killed. For a thread beside a running launch."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not (path.exists() and path.read_text()):
+        time.sleep(0.2)
+    return [k for pid in find() for k in kill_tree(pid)]

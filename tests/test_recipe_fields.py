@@ -417,7 +417,8 @@ class RecordingEngine:
     def update_weights(self, buckets, version):
         list(buckets)
         self.calls.append(("update_weights", version))
-        return types.SimpleNamespace(bytes=0)
+        from mopd_megatron.rollout.weight_sync import SyncStats
+        return SyncStats(transport="shm")
 
     def score(self, sequences, server=None):
         import torch

@@ -367,3 +367,63 @@ def test_unresponsive_server_is_restarted(fleet, models):
     assert eng.restarts == 1 and server.process.pid != stopped_pid and server.alive()
     assert all(len(s.token_ids) == 8 and s.retries >= 1 for s in samples)
     assert_matches_reference(samples, models["hf_a"])   # fresh server: model_path's weights
+
+
+def test_server_killed_during_a_weight_push_is_restarted_and_reported(engine, models):
+    """A server dies between two buckets: the remaining buckets are still consumed (in the
+    trainer they come from collectives every rank of the node must finish), the server is
+    restarted before update_weights returns, and restart_count tells the caller that it must
+    push again (trainer/sync.py does)."""
+    probe = [probe_tokens(512, 32, seed=11)]
+    ref_b = [ref_logprobs(models["hf_b"], p).tolist() for p in probe]
+    server = engine.servers[0]
+    old_pid, before = server.process.pid, engine.restart_count
+    buckets = state_buckets(models["b"])
+    consumed = []
+
+    def killing():
+        for i, bucket in enumerate(buckets):
+            consumed.append(i)
+            yield bucket
+            if i == 0:  # bucket 0 is loaded; the rest go to a dead server
+                server.process.kill_hard()
+
+    stats = engine.update_weights(killing(), version="partial")
+    assert consumed == list(range(len(buckets))) and stats.buckets == len(buckets) > 1
+    assert stats.lost == (0,) and stats.transport == ("cuda_ipc" if DEVICE == "cuda" else "shm")
+    assert engine.restart_count > before and server.process.pid != old_pid and server.alive()
+    engine.update_weights(iter(buckets), version="full")   # the caller's second push
+    check_parity(engine, probe, ref_b, PARITY_TOL)
+    [s] = engine.generate([PROMPTS[1]], 1, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert s.weight_version == "full"
+
+
+def test_server_killed_during_a_group_push_rejoins_a_new_update_group(engine, models):
+    """The dedicated path: the server dies between two broadcast buckets. The push drains the
+    rest, reports every server lost, the server is restarted, and the next push re-creates the
+    weight-update group (the new process was in none) and loads it fully."""
+    probe = [probe_tokens(512, 32, seed=12)]
+    ref_a = [ref_logprobs(models["hf_a"], p).tolist() for p in probe]
+    server = engine.servers[0]
+    old_pid, before = server.process.pid, engine.restart_count
+    buckets = state_buckets(models["a"])
+    consumed = []
+
+    def killing():
+        for i, bucket in enumerate(buckets):
+            consumed.append(i)
+            yield bucket
+            if i == 0:
+                server.process.kill_hard()
+
+    engine.connect_weight_group("127.0.0.1", free_port())
+    try:
+        first_group = engine._dist_sync
+        stats = engine.update_weights(killing(), version="partial")
+        assert consumed == list(range(len(buckets))) and stats.lost == (0,)
+        assert engine.restart_count > before and server.process.pid != old_pid
+        engine.update_weights(iter(buckets), version="again")
+        assert engine._dist_sync is not first_group   # a new group, with the new process
+        check_parity(engine, probe, ref_a, PARITY_TOL)
+    finally:
+        engine.disconnect_weight_group()

@@ -104,6 +104,10 @@ def engine_overrides(p: Placement) -> list[str]:
     return ["rollout.external_urls=[" + ",".join(p.engine_urls) + "]"]
 
 
+# How many times a dedicated-engine task restarts its server before the task fails.
+ENGINE_RESTARTS = 3
+
+
 def engine_command(cfg: MOPDConfig, python: str, device: str = "cuda",
                    host: str = "0.0.0.0") -> str:
     """Per-task command of the dedicated-engine step: task SLURM_LOCALID serves GPUs
@@ -126,7 +130,13 @@ def engine_command(cfg: MOPDConfig, python: str, device: str = "cuda",
     elif ro.server_cpu_threads is not None:
         env["OMP_NUM_THREADS"] = str(ro.server_cpu_threads)
     quoted = [c if c == port else shlex.quote(c) for c in cmd]
-    return " ".join([*(f"{k}={v}" for k, v in env.items()), "exec", *quoted])
+    server = " ".join([*(f"{k}={v}" for k, v in env.items()), *quoted])
+    # The task restarts its own server when it dies (the trainer's driver waits for it to
+    # answer, then re-creates the weight-update group and pushes the weights again). Bounded:
+    # a server that cannot start must end the step, not spin for the whole allocation.
+    return (f"for attempt in $(seq 0 {ENGINE_RESTARTS}); do {server}; "
+            f'echo "[engine] server on port {port} exited with $?'
+            f' (attempt $attempt of {ENGINE_RESTARTS})" >&2; sleep 2; done; exit 1')
 
 
 def memory_plan(cfg: MOPDConfig, args: argparse.Namespace) -> Plan | None:

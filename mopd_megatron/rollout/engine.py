@@ -85,8 +85,9 @@ class RolloutEngine(abc.ABC):
 
     @abc.abstractmethod
     def update_weights(self, named_tensor_buckets: Iterable[NamedTensorBucket],
-                       version: str) -> None:
-        """Load new weights (HF names) streamed in buckets; afterwards report `version`."""
+                       version: str):
+        """Load new weights (HF names) streamed in buckets; afterwards report `version`.
+        Server engines return their SyncStats (bytes, transport) for the sync metrics."""
 
     @abc.abstractmethod
     def release_memory(self) -> None:

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Sequence
 
 from .client import ServerClient, ServerError, ServerUnreachable
 from .engine import NamedTensorBucket, RolloutEngine, Sample, SamplingParams
-from .server import RouterSpec, ServerSpec, SGLangRouter, SGLangServer
+from .server import RouterSpec, ServerSpec, SGLangRouter, SGLangServer, wait_healthy
 from .weight_sync import DistributedWeightSync, Handles, SyncStats, push_tensor_buckets
 
 __all__ = ["SGLangEngine", "RolloutError", "server_specs_from_config"]
@@ -75,6 +75,7 @@ class SGLangEngine(RolloutEngine):
         self.samples_served = [0] * len(urls)   # per server, over the engine's life
         self._api: str | None = None
         self._dist_sync: DistributedWeightSync | None = None
+        self._group_stale = False
         self.version = "default"
         # Called with nothing, returns fresh buckets of the current trainer weights; used to
         # bring a restarted server (which reloads model_path from disk) back to self.version.
@@ -117,7 +118,15 @@ class SGLangEngine(RolloutEngine):
         common = dict(concurrency=cfg.concurrency, request_timeout_s=cfg.request_timeout_s,
                       samples_per_request=cfg.samples_per_request)
         if cfg.external_urls:  # external, or dedicated engines the launcher started
-            return cls.connect(cfg.external_urls, **common)
+            # The launcher starts dedicated engines beside the trainer: a large model takes
+            # minutes to load, and the weight-update group needs every server up.
+            for url in cfg.external_urls:
+                log.info("waiting for %s (up to %.0f s)", url, cfg.startup_timeout_s)
+                wait_healthy(url, cfg.startup_timeout_s)
+            engine = cls.connect(cfg.external_urls, **common)
+            if cfg.mode == "dedicated":  # the launcher's engine task restarts its server
+                engine.restart_wait_s = cfg.startup_timeout_s
+            return engine
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
         specs = server_specs_from_config(cfg, model_path, log_dir, device, extra_args)
@@ -225,6 +234,9 @@ class SGLangEngine(RolloutEngine):
                 if self.restart_wait_s > 0 and self._wait_answering(client):
                     log.warning("%s answers again (restarted where it runs)", client.url)
                     self._epochs[idx] += 1
+                    # A fresh process is in no weight-update group: re-create the group with
+                    # every server before the next push (not here: others may be generating).
+                    self._group_stale = self._dist_sync is not None
                     return
                 raise RolloutError(f"server {client.url} is down and was not launched by this "
                                    "job's process, so it cannot be restarted here")
@@ -232,6 +244,7 @@ class SGLangEngine(RolloutEngine):
                         "dead" if dead else "unresponsive")
             server.restart()
             self.restarts += 1
+            self._group_stale = self._dist_sync is not None
             self._resync_restarted(idx)
             self._epochs[idx] += 1
 
@@ -295,6 +308,7 @@ class SGLangEngine(RolloutEngine):
                                                 master_port, backend,
                                                 timeout_s=self.request_timeout_s)
         self._dist_sync.connect()
+        self._group_stale = False
 
     def disconnect_weight_group(self) -> None:
         """Back to the colocated tensor path; destroys the process group on both sides."""
@@ -302,34 +316,91 @@ class SGLangEngine(RolloutEngine):
             self._dist_sync.close()
             self._dist_sync = None
 
+    def _reconnect_weight_group(self) -> None:
+        """A new group with every server (one of them restarted since the last), on a fresh
+        port: the old group's store may still be held by the old one's peers."""
+        import socket
+        old = self._dist_sync
+        old.close()
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        log.warning("re-creating the weight-update group with %d servers on %s:%d",
+                    len(self.clients), old.master_address, port)
+        self.connect_weight_group(old.master_address, port, old.backend)
+
+    @property
+    def restart_count(self) -> int:
+        """How many times a server of this engine came back from the dead (restarted here, or
+        seen answering again after its own node restarted it). A change across a weight sync
+        means some server may hold partial or initial weights."""
+        return sum(self._epochs)
+
     def update_weights(self, named_tensor_buckets: Iterable[NamedTensorBucket],
                        version: str, handles: Handles | None = None) -> SyncStats:
         """Load the buckets into every server: over the weight-update group when connected,
-        else through same-node shared storage (``handles``: see push_tensor_buckets)."""
+        else through same-node shared storage (``handles``: see push_tensor_buckets).
+
+        A server that dies during the push is restarted before this returns, with the
+        weights it was launched with; the caller sees ``restart_count`` change and pushes
+        again (trainer/sync.py), since the buckets are produced collectively and cannot be
+        replayed by this rank alone."""
         self._revive_dead()
         api = self.weight_update_api()
+        epochs = list(self._epochs)
         if self._dist_sync is not None:
-            stats = self._dist_sync.push(named_tensor_buckets, version, api)
+            stats = self._push_over_group(iter(named_tensor_buckets), version, api)
         else:
             stats = push_tensor_buckets(self.clients, self.tp_sizes, named_tensor_buckets,
                                         version, api, self.pause_mode, handles)
+        for i in stats.lost:
+            log.warning("%s missed buckets of the weight push (%s)",
+                        self.clients[i].url, version)
+            self._recover(i, epochs[i])
         self.version = version
         return stats
+
+    def _push_over_group(self, buckets, version: str, api: str) -> SyncStats:
+        if self._group_stale:
+            self._reconnect_weight_group()
+        try:
+            return self._dist_sync.push(buckets, version, api)
+        except (ServerUnreachable, RuntimeError) as exc:
+            # A server died mid-broadcast (gloo/NCCL error or no answer). The rest of the
+            # buckets still come from collectives every trainer rank takes part in: drain them.
+            log.warning("weight push over the update group failed: %s", exc)
+            for _ in buckets:
+                pass
+            self._group_stale = True
+            return SyncStats(transport="broadcast", lost=tuple(range(len(self.clients))))
 
     def release_memory(self, tags: Sequence[str] | None = None) -> None:
         body = {} if tags is None else {"tags": list(tags)}
         self._revive_dead()
-        for i, c in enumerate(self.clients):
-            c.post("/release_memory_occupation", body)
+        for i in range(len(self.clients)):
+            # A server restarted on the way holds fresh memory: release that one instead.
+            self._post_recovering(i, "/release_memory_occupation", body, retry=True)
             self._released[i] = self._epochs[i]
 
     def resume_memory(self, tags: Sequence[str] | None = None) -> None:
         """Re-occupy what release_memory freed; a server restarted since never released."""
         body = {} if tags is None else {"tags": list(tags)}
         self._revive_dead()
-        for i, c in enumerate(self.clients):
+        for i in range(len(self.clients)):
             if self._released.pop(i, None) == self._epochs[i]:
-                c.post("/resume_memory_occupation", body)
+                self._post_recovering(i, "/resume_memory_occupation", body, retry=False)
+
+    def _post_recovering(self, idx: int, path: str, body: dict, retry: bool) -> None:
+        """POST to one server; if it does not answer, restart it (or wait for its node to) and,
+        with ``retry``, post again to the new process."""
+        epoch = self._epochs[idx]
+        try:
+            self.clients[idx].post(path, body)
+        except ServerUnreachable as exc:
+            log.warning("%s: %s", path, exc)
+            self._recover(idx, epoch)
+            if retry:
+                self.clients[idx].post(path, body)
 
     def _revive_dead(self) -> None:
         """Restart launched servers whose process is gone, before calls that cannot retry."""

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .client import ServerClient, WeightUpdateAPI
+from .client import ServerClient, ServerUnreachable, WeightUpdateAPI
 from .engine import NamedTensorBucket
 
 __all__ = ["SyncStats", "weight_update_session", "push_tensor_buckets", "DistributedWeightSync",
@@ -36,6 +36,10 @@ class SyncStats:
     tensors: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    transport: str = ""     # "shm", "cuda_ipc" or "broadcast"
+    # Indices of servers that stopped answering during the push: they missed buckets and hold
+    # partial weights, so the caller must restart and load them again.
+    lost: tuple[int, ...] = ()
 
 
 def use_file_system_sharing() -> None:
@@ -76,11 +80,21 @@ def serialize_bucket(bucket: NamedTensorBucket) -> tuple[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def weight_update_session(clients: Sequence[ServerClient], api: str):
-    """Open the server-side update session (0.5.23+) or finish with post-processing (older)."""
-    if api == WeightUpdateAPI.BEGIN_END:
-        for c in clients:
-            c.post_ok("/begin_weight_update", {})
-    yield
+    """Open the server-side update session (0.5.23+) or finish with post-processing (older).
+    A push that fails (a server died, even while the sessions were being opened) still closes
+    the session on every server it opened it on: the next push must be able to open one."""
+    opened: list[ServerClient] = []
+    try:
+        if api == WeightUpdateAPI.BEGIN_END:
+            for c in clients:
+                c.post_ok("/begin_weight_update", {})
+                opened.append(c)
+        yield
+    except BaseException:
+        for c in opened:
+            with contextlib.suppress(Exception):  # the original error is the one to see
+                c.post("/end_weight_update", {}, 60)
+        raise
     if api == WeightUpdateAPI.BEGIN_END:
         for c in clients:
             c.post_ok("/end_weight_update", {})
@@ -103,32 +117,53 @@ def push_tensor_buckets(clients: Sequence[ServerClient], tp_sizes: Sequence[int]
     that one copy (each takes its own shard). ``handles`` overrides where each server TP rank
     maps it from (trainer/sync.py: the copy on that rank's own GPU). Buckets are consumed one
     at a time, so at most one bucket of extra memory is alive on the trainer side.
+
+    A server that stops answering is dropped for the rest of the push (listed in
+    ``SyncStats.lost``) and every bucket is still consumed: ``handles`` runs collectives over
+    the node's ranks, which must all see the same number of buckets, or they would hang.
     """
     stats, t0 = SyncStats(), time.perf_counter()
-    for c in clients:
-        c.post("/pause_generation", {"mode": pause_mode})
+    live = list(range(len(clients)))
+
+    def each(path: str, body: dict, ok: bool = True) -> None:
+        for i in list(live):
+            try:
+                (clients[i].post_ok if ok else clients[i].post)(path, body)
+            except ServerUnreachable:
+                live.remove(i)
+
+    each("/pause_generation", {"mode": pause_mode}, ok=False)
     try:
-        with weight_update_session(clients, api):
-            for bucket in buckets:
-                if handles is None:
-                    blob, shared = serialize_bucket(bucket)
-                    per_server, release = [[blob] * tp for tp in tp_sizes], (lambda: None)
-                else:
-                    per_server, release = handles(bucket)
-                for c, blobs in zip(clients, per_server):
-                    c.post_ok("/update_weights_from_tensor", {
-                        "serialized_named_tensors": blobs,
+        if api == WeightUpdateAPI.BEGIN_END:
+            each("/begin_weight_update", {})
+        for bucket in buckets:
+            if handles is None:
+                blob, shared = serialize_bucket(bucket)
+                per_server, release = [[blob] * tp for tp in tp_sizes], (lambda: None)
+            else:
+                per_server, release = handles(bucket)
+            for i in list(live):
+                body = {"serialized_named_tensors": per_server[i],
                         "load_format": "flattened_bucket",
                         "flush_cache": True,  # stale KV from old weights must not be reused
-                        "weight_version": version,
-                    })
-                release()  # every server copied out of the shared storage: free it
-                stats.buckets += 1
-                stats.tensors += len(bucket)
-                stats.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                        "weight_version": version}
+                try:
+                    clients[i].post_ok("/update_weights_from_tensor", body)
+                except ServerUnreachable:
+                    live.remove(i)
+            release()  # every server copied out of the shared storage: free it
+            stats.buckets += 1
+            stats.tensors += len(bucket)
+            stats.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            if not stats.transport:
+                stats.transport = "cuda_ipc" if any(t.is_cuda for _, t in bucket) else "shm"
+        if api == WeightUpdateAPI.BEGIN_END:
+            each("/end_weight_update", {})
+        elif api == WeightUpdateAPI.POST_PROCESS:
+            each("/post_process_weights", {})
     finally:
-        for c in clients:
-            c.post("/continue_generation", {})
+        each("/continue_generation", {}, ok=False)
+    stats.lost = tuple(i for i in range(len(clients)) if i not in live)
     stats.seconds = time.perf_counter() - t0
     return stats
 
@@ -176,7 +211,7 @@ class DistributedWeightSync:
     def push(self, buckets: Iterable[NamedTensorBucket], version: str, api: str) -> SyncStats:
         if self._group is None:
             raise RuntimeError("DistributedWeightSync.push before connect()")
-        stats, t0 = SyncStats(), time.perf_counter()
+        stats, t0 = SyncStats(transport="broadcast"), time.perf_counter()
         with weight_update_session(self.clients, api):
             for bucket in buckets:
                 body = {"names": [n for n, _ in bucket],

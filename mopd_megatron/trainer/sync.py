@@ -19,12 +19,15 @@ and by the trainer: the worst mean |difference| (nats/token) is logged as
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["push_weights", "trainer_probe_logprobs"]
+
+log = logging.getLogger(__name__)
 
 
 def trainer_probe_logprobs(chunks: list, layout, vocab_size: int, tokens: list[int]) -> list[float]:
@@ -47,6 +50,11 @@ def trainer_probe_logprobs(chunks: list, layout, vocab_size: int, tokens: list[i
     return vals.tolist()
 
 
+# A sync during which an engine restarts is pushed again; more restarts in a row than this
+# mean the engine cannot stay up, and the run stops with the parity error it would cause.
+MAX_RESYNCS = 2
+
+
 def push_weights(engines, chunks: list, hf, layout, rollout, step: int,
                  probe: list[int] | None) -> dict[str, float]:
     """Push the live weights into the engines, then probe parity; the sync metrics.
@@ -54,39 +62,71 @@ def push_weights(engines, chunks: list, hf, layout, rollout, step: int,
     ``engines``: builders.Engines; ``rollout``: the rollout section (bucket size, parity
     tolerance). ``probe``: a fixed real token sequence (a prompt of the data), the same on
     every rank; random ids could include special tokens a server treats differently. None:
-    push only."""
+    push only.
+
+    An engine restarted while this runs (by its node's watchdog, or here after it stopped
+    answering mid-push) came back with the weights it was launched with, or with only some
+    buckets. Every rank learns of it (one all-reduce) and the whole export and push run again,
+    so that the step never samples from a half-loaded engine or fails its parity probe."""
+    for attempt in range(MAX_RESYNCS + 1):
+        before = _restarts(engines)
+        t0 = time.perf_counter()
+        loads, lost = _push_once(engines, chunks, hf, layout, rollout, step)
+        metrics: dict[str, float] = {}
+        if layout.rank == 0:
+            metrics = _sync_metrics(engines.driver, loads, time.perf_counter() - t0)
+        parity: list = [None]
+        if probe is not None:
+            ours = trainer_probe_logprobs(chunks, layout, hf.vocab_size, probe)
+            if layout.rank == 0:
+                parity[0] = _probe_every_engine(engines.driver, probe, ours,
+                                                rollout.parity_tolerance, step)
+        again = torch.tensor([float(lost or _restarts(engines) != before)])
+        dist.all_reduce(again, op=dist.ReduceOp.MAX)
+        if again.item() == 0:
+            break
+        if attempt == MAX_RESYNCS:
+            raise RuntimeError(
+                f"step {step}: the weight sync did not reach every engine in "
+                f"{MAX_RESYNCS + 1} attempts (an engine kept dying or stopped answering "
+                "mid-push); see the warnings above and the servers' logs")
+        if layout.rank == 0:
+            log.warning("step %d: an engine restarted or missed buckets during the weight "
+                        "sync; pushing again", step)
+    metrics["sync/attempts"] = float(attempt + 1)
+    if probe is not None:
+        dist.broadcast_object_list(parity, src=0)
+        if isinstance(parity[0], Exception):
+            raise parity[0]
+        metrics.update(parity[0])
+    return metrics
+
+
+def _restarts(engines) -> int:
+    return sum(getattr(e, "restart_count", 0) for e in (engines.node, engines.driver)
+               if e is not None)
+
+
+def _push_once(engines, chunks, hf, layout, rollout, step: int) -> tuple[list, bool]:
+    """One export and push: per rank (rank, transport, [(engine url, bytes)]) of its loads,
+    and whether an engine this rank loaded missed buckets."""
     from ..convert import export_hf_weights
     version = f"step_{step}"
-    t0 = time.perf_counter()
     buckets = export_hf_weights(chunks, hf, layout, rollout.weight_sync_bucket_mib)
     if engines.placement is not None:
         stats = _push_node_local(engines, buckets, layout, version)
-        transport = "cuda_ipc" if torch.cuda.is_available() else "shm"
     elif layout.rank == 0:
         stats = engines.node.update_weights(buckets, version)
-        transport = "broadcast" if getattr(engines.node, "_dist_sync", None) else \
-            ("cuda_ipc" if torch.cuda.is_available() else "shm")
     else:
         for _ in buckets:  # take part in the export's collectives
             pass
-        stats, transport = None, None
+        stats = None
     # Who loaded which engine, for the metrics (and the multi-node tests that check them).
     mine = ([(c.url, stats.bytes) for c in engines.node.clients]
             if stats is not None and engines.node is not None else [])
     loads = [None] * layout.world_size
-    dist.all_gather_object(loads, (layout.rank, transport, mine))
-    metrics: dict[str, float] = {}
-    if layout.rank == 0:
-        metrics = _sync_metrics(engines.driver, loads, time.perf_counter() - t0)
-    if probe is not None:
-        ours = trainer_probe_logprobs(chunks, layout, hf.vocab_size, probe)
-        result = [None]
-        if layout.rank == 0:
-            result[0] = _probe_every_engine(engines.driver, probe, ours, rollout.parity_tolerance,
-                                            step)
-        dist.broadcast_object_list(result, src=0)
-        metrics.update(result[0])
-    return metrics
+    dist.all_gather_object(loads, (layout.rank, stats.transport if stats else None, mine))
+    return loads, bool(stats is not None and stats.lost)
 
 
 def _push_node_local(engines, buckets, layout, version: str):
@@ -132,16 +172,18 @@ def _sync_metrics(driver, loads, seconds: float) -> dict[str, float]:
 
 
 def _probe_every_engine(driver, probe: list[int], ours: list[float], tolerance: float,
-                        step: int) -> dict[str, float]:
+                        step: int) -> dict[str, float] | Exception:
+    """Every engine's parity metrics, or the error of the first engine that failed (returned,
+    not raised: push_weights first asks every rank whether an engine restarted meanwhile)."""
     from ..rollout import ParityError, parity_probe
     out: dict[str, float] = {}
     for i, client in enumerate(driver.clients):
         try:
             r = parity_probe(_OneServer(driver, i), [probe], [ours])
-        except Exception as e:
-            raise RuntimeError(f"parity probe at step {step} on {client.url}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - returned: a restart may explain it
+            return RuntimeError(f"parity probe at step {step} on {client.url}: {e}")
         if not r.mean_abs_diff <= tolerance:  # also catches NaN
-            raise ParityError(
+            return ParityError(
                 f"weight-sync parity probe failed on {client.url} at step {step}: mean "
                 f"|log p_engine - log p_trainer| = {r.mean_abs_diff:.3g} nats > "
                 f"rollout.parity_tolerance={tolerance:g} (max {r.max_abs_diff:.3g} over "
