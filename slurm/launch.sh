@@ -22,6 +22,10 @@
 #   MOPD_RANK_CMD        replaces the trainer command (bash -c string run by every rank;
 #                        tests/test_slurm.py's rank-check job uses it; default: mopd train)
 #   MOPD_BATCH_SCRIPT    the batch script whose #SBATCH header gives dry-run defaults
+#
+# Signals: TERM or USR1 to this script are forwarded to the training step, whose ranks save
+# after their current step and exit 75; on 75 the script runs `scontrol requeue` (the batch
+# scripts set --requeue and --signal=B:USR1@900) and the requeued job resumes.
 set -euo pipefail
 
 die() { echo "launch.sh: $*" >&2; exit 2; }
@@ -84,7 +88,10 @@ echo "[launch] job $SLURM_JOB_ID: $MOPD_WORLD_SIZE ranks on $MOPD_TRAIN_NNODES n
 if [[ -n ${MOPD_RANK_CMD:-} ]]; then
   RANK_CMD=(bash -c "$MOPD_RANK_CMD")
 else
-  RANK_CMD=("$PY" -m mopd_megatron.cli train --recipe "$RECIPE" "${SET_ARGS[@]}")
+  # USR1 ignored until the trainer installs its handler (its default action kills): a USR1
+  # that arrives while a rank is still starting is lost, not fatal.
+  RANK_CMD=(bash -c 'trap "" USR1; exec "$@"' mopd-rank
+            "$PY" -m mopd_megatron.cli train --recipe "$RECIPE" "${SET_ARGS[@]}")
   for o in $MOPD_ENGINE_OVERRIDES; do RANK_CMD+=(--set "$o"); done
 fi
 GPU_ARGS=()
@@ -105,7 +112,20 @@ stop_steps() {
   for pg in "${STEPS[@]}"; do kill -KILL -- "-$pg" 2>/dev/null || true; done
   STEPS=()
 }
-trap 'echo "[launch] signal: stopping steps" >&2; stop_steps; exit 143' TERM INT
+# SIGTERM (scancel, preemption) or SIGUSR1 (#SBATCH --signal=B:USR1@<s> before the time
+# limit) on this script: ask the training step to save and stop (trainer/preemption.py), and
+# wait for it; Slurm's own KillWait bounds the wait. Before the step runs: stop at once.
+TRAIN=""
+on_signal() {
+  if [[ -z $TRAIN ]]; then
+    echo "[launch] signal $1: stopping steps" >&2; stop_steps; exit 143
+  fi
+  echo "[launch] signal $1: asking the training step to save and stop" >&2
+  kill -"$1" -- "-$TRAIN" 2>/dev/null || true   # srun forwards it to every rank
+}
+trap 'on_signal TERM' TERM
+trap 'on_signal INT' INT
+trap 'on_signal USR1' USR1
 trap 'stop_steps' EXIT
 
 if (( MOPD_ENGINE_NNODES > 0 )); then
@@ -120,6 +140,18 @@ srun --nodes="$MOPD_TRAIN_NNODES" --nodelist="$MOPD_TRAIN_HOSTS" \
 TRAIN=$!
 STEPS+=("$TRAIN")
 rc=0
-wait "$TRAIN" || rc=$?
+while :; do   # a trapped signal interrupts wait; the step may still be saving
+  wait "$TRAIN" && rc=0 || rc=$?
+  kill -0 "$TRAIN" 2>/dev/null || break
+done
 echo "[launch] training step exited with $rc" >&2
+if (( rc == 75 )); then
+  # The trainer saved a committed checkpoint after a signal (exit 75 = requeue me). Requeue
+  # ends this job now and runs the batch script again (with #SBATCH --requeue, or where the
+  # cluster allows requeue by default); checkpoint.resume: auto continues from the checkpoint.
+  stop_steps
+  echo "[launch] requeueing job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0})" >&2
+  scontrol requeue "$SLURM_JOB_ID" || echo "[launch] requeue refused: resubmit the job;" \
+    "it resumes from the last checkpoint" >&2
+fi
 exit "$rc"

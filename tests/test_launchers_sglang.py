@@ -170,7 +170,7 @@ def test_slurm_srun_two_tasks_sglang_demo(local_slurm, tiny, tmp_path):  # noqa:
     jid = None
     with ServerEnvWatcher(marker) as watcher:
         try:
-            jid = _submit(env, run, 2, "--time=00:15:00")
+            jid = _submit(env, run, 2, "--time=00:40:00")
             f = _wait_job(jid, RUN_TIMEOUT_S)
         finally:
             left = left_behind(marker)

@@ -226,8 +226,13 @@ def test_parity_probe_refuses_a_bad_sync(engine, models):
 
 
 def test_release_resume_keeps_generation(engine, models):
+    import signal
     greedy = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
+    # SIGUSR1 (Slurm's cue for the trainer to save and stop) reaches the whole step: a server
+    # the trainer launched ignores it.
+    os.killpg(engine.servers[0].process.pid, signal.SIGUSR1)
     before = engine.generate(PROMPTS, 1, greedy)
+    assert engine.servers[0].alive()
     engine.release_memory()
     engine.resume_memory()
     after = engine.generate(PROMPTS, 1, greedy)

@@ -199,7 +199,7 @@ def test_real_slurm_job_tiny_cpu_two_tasks(local_slurm, tmp_path, trainer):
     else:
         env["MOPD_RANK_CMD"] = (f"{sys.executable} tests/harness/slurm_local/rank_check.py "
                                 f"{run}/ranks")
-    jid = _submit(env, run, 2, "--time=00:15:00")
+    jid = _submit(env, run, 2, "--time=00:40:00")
     f = _wait_job(jid, 900 if REAL_TRAINER else 240)
     out = (run / f"slurm-{jid}.out")
     logs = "\n".join(p.read_text() for p in sorted((run / "logs").glob("*.log")))
@@ -250,7 +250,8 @@ def test_real_slurm_cancel_leaves_nothing_behind(local_slurm, tmp_path):
     while _job_processes(jid) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _job_processes(jid) == []
-    assert "[launch] signal: stopping steps" in (tmp_path / f"slurm-{jid}.out").read_text()
+    assert "[launch] signal TERM: asking the training step to save and stop" in \
+        (tmp_path / f"slurm-{jid}.out").read_text()
 
 
 @pytest.mark.slow

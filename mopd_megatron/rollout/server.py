@@ -158,6 +158,19 @@ def _stop_all_at_exit() -> None:  # never leave servers behind when the trainer 
         proc.stop()
 
 
+# Run through sh, which first
+# - ignores SIGUSR1: Slurm's --signal=USR1 (the trainer's cue to save and stop, see
+#   trainer/preemption.py) reaches every process of the training step, and its default action
+#   would kill the servers in the middle of the last rollout;
+# - leaves a watcher in the process group that kills the group once the launching process is
+#   gone: atexit and the trainer's close() do not run after SIGKILL or an OOM kill, and a
+#   server in its own session would outlive the job holding its port and memory.
+# then execs the command (its pid stays the group's).
+_GUARD = ('trap "" USR1; parent=$1; shift; '
+          '( while kill -0 "$parent" 2>/dev/null; do sleep 1; done; kill -KILL 0 ) & '
+          'exec "$@"')
+
+
 class ManagedProcess:
     """A child process in its own session, stopped as a whole process group."""
 
@@ -168,7 +181,8 @@ class ManagedProcess:
     def start(self) -> None:
         out = open(self.log_path, "ab") if self.log_path else None
         try:
-            self._proc = subprocess.Popen(self.cmd, env=self.env, stdout=out,
+            self._proc = subprocess.Popen(["/bin/sh", "-c", _GUARD, "sh", str(os.getpid()),
+                                           *self.cmd], env=self.env, stdout=out,
                                           stderr=subprocess.STDOUT if out else None,
                                           start_new_session=True)
         finally:

@@ -130,6 +130,8 @@ def format_report(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .preemption import StopSignals
+    stop = None if args.dry_run else StopSignals()  # before the slow imports and builds
     from ..config import ConfigError, load_recipe
     from ..data import DataError
     from ..runtime import launch_env
@@ -151,13 +153,18 @@ def main(argv=None) -> int:
         _ensure_demo_inputs(cfg)
         _single_process_port()
         from ..train import Trainer
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, stop=stop)
     except (ConfigError, DataError) as e:
         print(f"mopd train: {'config' if isinstance(e, ConfigError) else 'data'} error: {e}",
               file=sys.stderr)
         return 2
+    from .preemption import Preempted
     try:
         report = trainer.train()
+    except Preempted as e:
+        # Every rank saved (or had nothing to save) and exits with the same code: 75 asks
+        # slurm/launch.sh to requeue the job.
+        return e.exit_code
     finally:
         trainer.close()
     if launch_env().rank == 0:

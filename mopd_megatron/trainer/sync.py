@@ -41,7 +41,9 @@ def trainer_probe_logprobs(chunks: list, layout, vocab_size: int, tokens: list[i
               targets=torch.roll(t, -1, 1))
     out = forward_backward(chunks, [mb], score_loss_fn(layout.tp_group_or_none),
                            vocab_size=vocab_size, tp_rank=layout.tp_rank, forward_only=True)
-    vals = out[0]["logp"][0, :-1].double().cpu() if out else torch.zeros(len(tokens) - 1, dtype=torch.float64)
+    # On the device: with NCCL the collective below takes no CPU tensor.
+    vals = out[0]["logp"][0, :-1].double() if out else \
+        torch.zeros(len(tokens) - 1, dtype=torch.float64, device=device())
     if layout.pp > 1:
         # Only the last stage holds the values: sum with zeros from the other stages.
         if not layout.is_last_stage:
@@ -81,7 +83,7 @@ def push_weights(engines, chunks: list, hf, layout, rollout, step: int,
             if layout.rank == 0:
                 parity[0] = _probe_every_engine(engines.driver, probe, ours,
                                                 rollout.parity_tolerance, step)
-        again = torch.tensor([float(lost or _restarts(engines) != before)])
+        again = torch.tensor([float(lost or _restarts(engines) != before)], device=_device())
         dist.all_reduce(again, op=dist.ReduceOp.MAX)
         if again.item() == 0:
             break
@@ -100,6 +102,11 @@ def push_weights(engines, chunks: list, hf, layout, rollout, step: int,
             raise parity[0]
         metrics.update(parity[0])
     return metrics
+
+
+def _device():
+    from ..runtime import device
+    return device()  # NCCL collectives take device tensors
 
 
 def _restarts(engines) -> int:
