@@ -1,7 +1,9 @@
 """Hugging Face checkpoint directories: read tensors one at a time, write sharded safetensors.
 
 Reading opens the safetensors file per tensor, so no memory map stays resident across the
-conversion (mapped pages would count against the process however large the model is).
+conversion (mapped pages would count against the process however large the model is), and
+reads only the block asked for (``get_slice``): a TP rank loading its shard reads its rows or
+columns, not the tensor.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import shutil
 import struct
 
 import torch
+
+from .mappings import Source
 
 # Copied verbatim between an HF directory and a converted checkpoint.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -29,6 +33,7 @@ class HFCheckpoint:
     def __init__(self, hf_dir: str):
         from safetensors import safe_open
         self.dir = hf_dir
+        self.bytes_read = 0  # what read() returned so far (the direct load reports it)
         files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
         if not files:
             raise FileNotFoundError(f"{hf_dir}: no *.safetensors files (only safetensors "
@@ -46,10 +51,32 @@ class HFCheckpoint:
                     self.file_of[name] = f
                     self.shape[name] = tuple(fh.get_slice(name).get_shape())
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, index: tuple[slice, ...] | None = None) -> torch.Tensor:
+        """Tensor ``name``, or only its block ``index`` (a tuple of slices)."""
         from safetensors import safe_open
         with safe_open(os.path.join(self.dir, self.file_of[name]), framework="pt") as fh:
-            return fh.get_tensor(name)
+            t = fh.get_tensor(name) if index is None else fh.get_slice(name)[index]
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def source(self, names: list[str]) -> "HFSource":
+        return HFSource(self, names)
+
+
+class HFSource(Source):
+    """The HF tensors of one mapping, read from the files on demand."""
+
+    def __init__(self, ckpt: HFCheckpoint, names: list[str]):
+        self.ckpt, self.names = ckpt, list(names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def shape(self, i: int) -> tuple[int, ...]:
+        return self.ckpt.shape[self.names[i]]
+
+    def read(self, i: int, index: tuple[slice, ...] | None = None) -> torch.Tensor:
+        return self.ckpt.read(self.names[i], index)
 
 
 def reference_shapes(raw_config: dict) -> dict[str, tuple[int, ...]]:

@@ -16,8 +16,8 @@ from ..models.hf_config import hf_config_dict, load_hf_config
 from . import dcp_io
 from .hf_io import (HFCheckpoint, copy_side_files, reference_shapes, require_empty_dir,
                     write_json)
-from .mappings import ConversionError
-from .tables import EXTRA_STATE_MODULES, Item, check_layout, context, items
+from .mappings import WHOLE, ConversionError
+from .tables import EXTRA_STATE_MODULES, Item, check_layout, context, hf_key_set, items
 
 CONVERT_INFO = "mopd_convert.json"  # how the checkpoint was made (vocab padding, dtype)
 
@@ -33,6 +33,23 @@ def check_hf_tensors(ckpt: HFCheckpoint, expected: set[str], shapes: dict[str, t
            for n in sorted(expected) if n in shapes and ckpt.shape[n] != shapes[n]]
     if bad:
         raise ConversionError(f"{ckpt.dir}: shape mismatch:\n  " + "\n  ".join(bad))
+
+
+def open_checked(hf_dir: str, cfg) -> HFCheckpoint:
+    """The safetensors headers of ``hf_dir``, checked against the architecture table and the
+    shapes ``transformers`` gives ``cfg`` (nothing else is read). Shared by the converter and
+    the trainer's direct load, so that both accept exactly the same checkpoints."""
+    ckpt = HFCheckpoint(hf_dir)
+    expected = hf_key_set(cfg)
+    ref = reference_shapes(cfg.raw)
+    if set(ref) != expected:  # the table and transformers disagree: a bug here, not in the input
+        raise ConversionError(f"{cfg.architecture}: conversion table names differ from "
+                              f"transformers' parameters: {sorted(set(ref) ^ expected)}")
+    tied_head = "lm_head.weight"
+    if cfg.tie_word_embeddings and tied_head in ckpt.shape:
+        del ckpt.shape[tied_head], ckpt.file_of[tied_head]  # a saved copy of the embedding
+    check_hf_tensors(ckpt, expected, ref)
+    return ckpt
 
 
 def _megatron_shape(item: Item, ckpt: HFCheckpoint, ctx) -> tuple[int, ...]:
@@ -51,17 +68,8 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
     cfg = load_hf_config(hf_dir)
     padded = check_layout(cfg, tp, pp, make_vocab_size_divisible_by)
     ctx = context(cfg, padded)
-    ckpt = HFCheckpoint(hf_dir)
+    ckpt = open_checked(hf_dir, cfg)
     todo = items(cfg)
-    expected = {n for it in todo for n in it.hf_names}
-    ref = reference_shapes(cfg.raw)
-    if set(ref) != expected:  # the table and transformers disagree: a bug here, not in the input
-        raise ConversionError(f"{cfg.architecture}: conversion table names differ from "
-                              f"transformers' parameters: {sorted(set(ref) ^ expected)}")
-    tied_head = "lm_head.weight"
-    if cfg.tie_word_embeddings and tied_head in ckpt.shape:
-        del ckpt.shape[tied_head], ckpt.file_of[tied_head]  # a saved copy of the embedding
-    check_hf_tensors(ckpt, expected, ref)
 
     require_empty_dir(out_dir)
     torch_dtype, L = DTYPES[dtype], cfg.num_layers
@@ -69,8 +77,8 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
     for it in todo:
         shape = _megatron_shape(it, ckpt, ctx)
 
-        def produce(it=it):
-            return it.row.mapping.to_megatron([ckpt.read(n) for n in it.hf_names], ctx)
+        def produce(it=it):  # the whole tensor: the direct load's shard() at TP=1
+            return it.row.mapping.shard(ckpt.source(it.hf_names), ctx, WHOLE)
 
         if it.layer is None:
             chunks.append(dcp_io.Chunk(it.key, (0,) * len(shape), shape, shape, torch_dtype,

@@ -5,6 +5,10 @@ time, whatever the shard size.
 Works on any torch_dist model checkpoint (whatever TP/PP/DP wrote it): keys are layout-free.
 The HF config comes from ``config.json`` next to the checkpoint (written there by the HF ->
 Megatron converter) or from ``hf_config``.
+
+Several writers can share one conversion (``part``): the plan (which tensor goes in which
+shard file) depends only on the checkpoint, so each writer derives it alone and writes its own
+files; nothing passes between them. The trainer's final export runs one writer per rank.
 """
 from __future__ import annotations
 
@@ -42,8 +46,16 @@ def _check_keys(ckpt_dir: str, md: dict, todo: list[Item], num_layers: int) -> N
 
 
 def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, hf_config: str | None = None,
-                           max_shard_mb: float = 2048, progress: bool = False) -> dict:
-    """Write ``out_dir``; returns the safetensors index (``weight_map`` and total size)."""
+                           max_shard_mb: float = 2048, progress: bool = False,
+                           part: tuple[int, int] = (0, 1)) -> dict:
+    """Write ``out_dir``; returns the safetensors index (``weight_map`` and total size).
+
+    ``part=(i, n)``: writer ``i`` of ``n`` writes shard files i, i + n, ...; writer 0 also the
+    index, config.json and tokenizer files. With n > 1 the caller makes sure ``out_dir`` is empty
+    before any writer starts and that all have finished before the directory is used."""
+    writer_index, writers = part
+    if not 0 <= writer_index < writers:
+        raise ValueError(f"part {part}: expected (i, n) with 0 <= i < n")
     reader = dcp_io.Reader(ckpt_dir)
     md = reader.tensors()
     config_dir = hf_config or find_config_dir(ckpt_dir)
@@ -67,16 +79,22 @@ def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, hf_config: str | None = 
         specs.append([(n, dtype, tuple(t.shape)) for n, t in zip(it.hf_names, outs)])
         per_item_bytes.append(sum(t.numel() for t in outs) * dtype.itemsize)
     shards = plan_shards(per_item_bytes, int(max_shard_mb * 2**20))
+    weight_map = {name: shard_name(s, len(shards))
+                  for s, shard in enumerate(shards) for idx in shard for name, _, _ in specs[idx]}
+    dtypes = {md[it.key].properties.dtype for it in todo}
+    mine = [s for s in range(len(shards)) if s % writers == writer_index]
 
-    require_empty_dir(out_dir)
-    weight_map, dtypes = {}, set()
+    if writers == 1:
+        require_empty_dir(out_dir)
+    else:
+        os.makedirs(out_dir, exist_ok=True)
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(todo), unit="tensor", desc="megatron -> hf")
-    for s, shard in enumerate(shards):
-        name = shard_name(s, len(shards))
-        writer = SafetensorsStreamWriter(os.path.join(out_dir, name),
+        bar = tqdm(total=sum(len(shards[s]) for s in mine), unit="tensor", desc="megatron -> hf")
+    for s in mine:
+        shard = shards[s]
+        writer = SafetensorsStreamWriter(os.path.join(out_dir, shard_name(s, len(shards))),
                                          [spec for idx in shard for spec in specs[idx]])
         for idx in shard:
             it = todo[idx]
@@ -89,8 +107,6 @@ def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, hf_config: str | None = 
                 full = dcp_io.read_chunk(reader, it.key, start, (1, *meta.size[1:]))[0]
             for hf_name, t in zip(it.hf_names, it.row.mapping.to_hf(full, ctx)):
                 writer.write(hf_name, t)
-                weight_map[hf_name] = name
-            dtypes.add(meta.properties.dtype)
             if bar:
                 bar.update(1)
         writer.close()
@@ -99,11 +115,12 @@ def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, hf_config: str | None = 
 
     total = sum(per_item_bytes)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
-    config = hf_config_dict(cfg)
-    if len(dtypes) == 1:
-        config["dtype"] = DTYPE_NAMES.get(dtypes.pop(), config.get("dtype"))
-    config.pop("torch_dtype", None)
-    write_json(os.path.join(out_dir, "config.json"), config)
-    copy_side_files(config_dir, out_dir)
+    if writer_index == 0:
+        write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
+        config = hf_config_dict(cfg)
+        if len(dtypes) == 1:
+            config["dtype"] = DTYPE_NAMES.get(dtypes.pop(), config.get("dtype"))
+        config.pop("torch_dtype", None)
+        write_json(os.path.join(out_dir, "config.json"), config)
+        copy_side_files(config_dir, out_dir)
     return index
