@@ -3,12 +3,14 @@
     rollout -> reward (GRPO A_ORM) -> teacher scores -> student update -> weight sync -> log/save
 
 The Trainer's constructor is an ordered list of builds (trainer/builders.py); ``train_step``
-names the phases; everything else lives in small modules under ``mopd_megatron/trainer/``.
+names the phases (each timed as time/<phase>, measured as mem/<phase>_max_gib and watched by
+trainer/watchdog.py); everything else lives in small modules under ``mopd_megatron/trainer/``.
 ``mopd train`` (trainer/cli.py) builds a Trainer from a recipe and runs it.
 """
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -22,33 +24,60 @@ from .trainer import builders, state
 from .trainer.batch import RolloutBatch, pack_microbatches
 from .trainer.evaluate import greedy_accuracy, load_eval_rows
 from .trainer.loss import make_mopd_loss_fn, reduce_microbatch_metrics
+from .trainer.memory import PhaseMemory, memory_report
+from .trainer.preemption import Preempted, StopSignals
+from .trainer.watchdog import PhaseWatchdog
 
 __all__ = ["Trainer"]
 
 
 class Trainer:
     """``hooks``: {phase name: fn(trainer, step)} run as each phase starts (tests use them to
-    crash at exact points); ``engine``: a RolloutEngine to use instead of the recipe's."""
+    crash at exact points); ``engine``: a RolloutEngine to use instead of the recipe's;
+    ``stop``: signal handlers installed earlier by the caller (trainer/preemption.py)."""
 
-    def __init__(self, cfg: MOPDConfig, *, engine=None, hooks: dict[str, Callable] | None = None):
-        from .data import DomainSampler
-        from .runtime import device, init_runtime, launch_env
-        from .teachers import TeacherPool
+    def __init__(self, cfg: MOPDConfig, *, engine=None, hooks: dict[str, Callable] | None = None,
+                 stop: StopSignals | None = None):
+        from .runtime import init_runtime, launch_env
         self.cfg, self.hooks = cfg, dict(hooks or {})
-        par = cfg.parallel
+        # From the start: a SIGTERM during the builds must not kill the rank mid-collective.
+        self.stop = stop if stop is not None else StopSignals()
+        par, rt = cfg.parallel, cfg.runtime
         self.inputs = builders.preflight(cfg, launch_env().world_size,        # 1. every check
                                          own_engine=engine is None)
-        self.layout = init_runtime(par.tp, par.pp, par.vpp, cfg.train.seed)  # 2. groups, seeds
+        self.layout = init_runtime(par.tp, par.pp, par.vpp, cfg.train.seed,  # 2. groups, seeds
+                                   timeout_minutes=rt.timeout_minutes)
+        self.watchdog = PhaseWatchdog(self.layout.rank, rt.phase_warn_seconds,
+                                      timeout_minutes=rt.timeout_minutes)
+        try:
+            with self.watchdog.phase("start-up", None):
+                self._build(cfg, engine)
+        except BaseException:
+            self.watchdog.close()
+            self.stop.close()
+            raise
+
+    def _build(self, cfg: MOPDConfig, engine) -> None:
+        from .data import DomainSampler
+        from .runtime import device
+        from .teachers import TeacherPool
         self.device = device()
         if self.device.type == "cpu" and cfg.train.cpu_threads is not None:
             torch.set_num_threads(cfg.train.cpu_threads)
-        self.chunks, self.optimizer, self.scheduler = builders.build_student(cfg, self.inputs.hf)  # 3.
-        self.teachers = TeacherPool.build(                                    # 4. frozen teachers
-            cfg.teachers, lambda hf_dir: builders.build_chunks(hf_dir, cfg, frozen=True),
-            lambda chunks, t, i: builders.load_weights(chunks, t.checkpoint, t.format, None))
+        with self.watchdog.phase("start-up: resume lookup", None):
+            # Known before the build: a resume loads its checkpoint only, never model.checkpoint.
+            self.resume_path = state.resolve_resume(cfg)
+        with self.watchdog.phase("start-up: student", None):                # 3. student
+            self.chunks, self.optimizer, self.scheduler = builders.build_student(
+                cfg, self.inputs.hf, load=self.resume_path is None)
+        with self.watchdog.phase("start-up: teachers", None):
+            self.teachers = TeacherPool.build(                                # 4. frozen teachers
+                cfg.teachers, lambda hf_dir: builders.build_chunks(hf_dir, cfg, frozen=True),
+                lambda chunks, t, i: builders.load_weights(chunks, t.checkpoint, t.format, None))
         self.sampler = DomainSampler(self.inputs.dataset, cfg.data.domain_weights, cfg.data.seed)  # 5.
-        self.engines = builders.Engines(engine, engine) if engine is not None else \
-            builders.build_engines(cfg, self.chunks, self.inputs, self.layout)  # 6. rollout
+        with self.watchdog.phase("start-up: engines", None):
+            self.engines = builders.Engines(engine, engine) if engine is not None else \
+                builders.build_engines(cfg, self.chunks, self.inputs, self.layout)  # 6. rollout
         self.engine = self.engines.driver
         # Server engines exist on the driver (rank 0) only: every rank learns how to drive it.
         traits = [(self.engine.collective, self.engine.needs_weight_sync)
@@ -64,11 +93,14 @@ class Trainer:
             from .rollout.placement import format_placement
             print("\n".join("placement " + line
                             for line in format_placement(self.engines.placement)), flush=True)
-        self.start_step = self._resume()                                     # 8. resume
+        with self.watchdog.phase("start-up: resume", None):
+            self.start_step = self._resume()                                 # 8. resume
         self.logger = MetricLogger.from_config(                              # 9. metric sinks
             cfg.logging, total_steps=cfg.train.steps, enabled=dist.get_rank() == 0,
             run_config=cfg.to_dict(), resume_step=self.start_step)
         self.timer = PhaseTimer(torch.cuda.synchronize if torch.cuda.is_available() else None)
+        self.memory = PhaseMemory()
+        self._memory_reported = False  # the plan beside the measurement: once, first step
         self.loss_fn = make_mopd_loss_fn(cfg.loss, cfg.loss.alpha, cfg.rollout.temperature,
                                          self.layout.tp_group_or_none)
         self.sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
@@ -79,11 +111,16 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------------
     def train(self) -> dict:
-        before = self.evaluate(teachers=True) if self.start_step == 0 else {}
+        with self.watchdog.phase("eval before training", None):
+            before = self.evaluate(teachers=True) if self.start_step == 0 else {}
+        self.stop_if_asked(self.start_step)
         for step in range(self.start_step + 1, self.cfg.train.steps + 1):
             self.train_step(step)
-        after = self.evaluate(teachers=False)
-        self.export_hf()
+            self.stop_if_asked(step)
+        with self.watchdog.phase("final eval", None):
+            after = self.evaluate(teachers=False)
+        with self.watchdog.phase("HF export", None):  # every rank writes its share
+            self.export_hf()
         self.logger.close()
         return {"before": before, "after": after, "losses": self.losses}
 
@@ -105,6 +142,7 @@ class Trainer:
             synced = self.sync_weights(step)              # new weights -> rollout engines
         held_out = self.periodic_eval(step)               # train.eval_interval
         metrics = self.metrics(batch, results, kl, time.perf_counter() - t0) | synced | held_out
+        self.report_memory(step, metrics)
         self.losses.append(metrics["loss"])
         self.logger.log(step, metrics)
         if self.should_save(step):
@@ -214,6 +252,7 @@ class Trainer:
         m = reduce_microbatch_metrics([x for r in results for x in r.metrics], contributes,
                                       self.cfg.loss.log_entropy, per_teacher, names)
         m.update(self.timer.pop())
+        m.update(self.memory.pop())   # this rank's; logged from rank 0
         m["time/step"] = seconds
         m["optim/lr"] = self.optimizer.param_groups[0]["lr"]
         m["optim/skipped"] = float(sum(not r.ok for r in results))
@@ -244,6 +283,27 @@ class Trainer:
             acc = self.evaluate(teachers=False).get("student", {})
         return {f"eval/{d}": v for d, v in acc.items()}
 
+    def stop_if_asked(self, step: int) -> None:
+        """After a step (or before the first): if any rank got SIGTERM/SIGUSR1, every rank
+        saves this step (unless it was just saved) and raises Preempted."""
+        signum = self.stop.agreed()
+        if not signum:
+            return
+        import signal
+        saved = self.start_step > 0 and step == self.start_step  # resumed: already committed
+        if self.cfg.checkpoint.dir is not None and step > self.start_step:
+            if not self.should_save(step):
+                with self.phase("save", step):
+                    self.save(step)
+            saved = True
+        name = signal.Signals(signum).name
+        if dist.get_rank() == 0:
+            print(f"stopping after step {step} on {name}: "
+                  + (f"checkpoint step_{step} committed; the run continues from it "
+                     "(checkpoint.resume: auto)" if saved else "nothing saved (checkpoint.dir "
+                     "is null, or no step was trained)"), flush=True)
+        raise Preempted(step, saved, name)
+
     def should_save(self, step: int) -> bool:
         c = self.cfg.checkpoint
         return c.dir is not None and (step == self.cfg.train.steps or
@@ -260,7 +320,7 @@ class Trainer:
                               before_commit=(lambda tmp: hook(self, step)) if hook else None)
 
     def _resume(self) -> int:
-        path = state.resolve_resume(self.cfg)
+        path = self.resume_path  # resolved before the student was built
         if path is None:
             return 0
         st = state.load_checkpoint(path, self.chunks, self.optimizer)
@@ -277,17 +337,10 @@ class Trainer:
 
     def export_hf(self) -> None:
         """The final student as an HF checkpoint (checkpoint.hf_export_dir), converted from the
-        last committed checkpoint by the converter (rank 0)."""
-        out = self.cfg.checkpoint.hf_export_dir
-        if out is None:
-            return
-        if dist.get_rank() == 0:
-            from .checkpoint import find_latest
-            from .convert import convert_megatron_to_hf
-            latest = find_latest(self.cfg.checkpoint.dir, cleanup=False)
-            convert_megatron_to_hf(str(latest / "dist"), out, hf_config=self.cfg.model.hf_config)
-            print(f"exported the student ({latest.name}) as an HF checkpoint to {out}", flush=True)
-        dist.barrier()
+        last committed checkpoint by every rank together (trainer/hf_export.py)."""
+        if self.cfg.checkpoint.hf_export_dir is not None:
+            from .trainer.hf_export import export_committed
+            export_committed(self.cfg)
 
     def evaluate(self, teachers: bool) -> dict:
         """Greedy accuracy per domain on data.eval_paths (student; teachers on their domains)."""
@@ -304,12 +357,25 @@ class Trainer:
             t.offload_()
         return out
 
+    @contextmanager
     def phase(self, name: str, step: int):
         if name in self.hooks:
             self.hooks[name](self, step)
-        return self.timer(name)
+        with self.watchdog.phase(name, step), self.memory(name), self.timer(name):
+            yield
+
+    def report_memory(self, step: int, metrics: dict) -> None:
+        """The planner's terms beside the measured phase peaks, on the first step this process
+        trains, from the first rank of each pipeline stage."""
+        if self._memory_reported:
+            return
+        self._memory_reported = True
+        if self.layout.tp_rank == 0 and self.layout.dp_rank == 0:
+            print(memory_report(self.cfg, self.layout, metrics, self.memory, step), flush=True)
 
     def close(self) -> None:
+        self.stop.close()
+        self.watchdog.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.logger.close()
         for engine in {id(e): e for e in (self.engines.driver, self.engines.node)

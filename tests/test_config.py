@@ -163,6 +163,8 @@ def test_overrides_are_yaml_typed(tmp_path):
                                           "trainer from the rollout fields"),
     ("rollout.server_args=[--tp-size=2]", "--tp-size set by the trainer"),
     ("rollout.server_args=[--log-level, 1]", "rollout.server_args[1]=1: expected a string"),
+    ("runtime.timeout_minutes=0", "runtime.timeout_minutes=0: must be >= 1"),
+    ("runtime.phase_warn_minutes=-1", "runtime.phase_warn_minutes=-1.0: must be >= 0"),
 ])
 def test_bad_overrides_name_the_override(tmp_path, override, needle):
     with pytest.raises(ConfigError) as e:

@@ -100,21 +100,64 @@ def test_every_recipe_field_is_in_the_docs_table():
 
 
 SCRIPTS = sorted([*ROOT.glob("tools/*.sh"), *ROOT.glob("tools/*.py"), *ROOT.glob("slurm/*.sh"),
-                  *ROOT.glob("benchmarks/*.py")])
+                  *ROOT.glob("benchmarks/*.py"), *ROOT.glob("benchmarks/*.sh")])
+GPU_SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
+# What a real GPU-suite run writes; --help/--list/--dry-run and a refused run must leave them be.
+GPU_SUITE_OUTPUTS = [ROOT / "benchmarks" / "RESULTS.md", ROOT / "benchmarks" / "gpu_suite_results.json"]
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_script_answers_help_without_side_effects(script, tmp_path):
+def run_script(script: Path, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """``script args`` from an empty directory; fails the test if it created a venv or wrote a
+    file there."""
     # The environment scripts would create these venvs if --help fell through to the install.
     venvs = {"VENV": tmp_path / "venv", "VENV312": tmp_path / "venv312"}
     env = {**os.environ, **{k: str(v) for k, v in venvs.items()},
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST"):  # never inside an allocation here
+    for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "OUT"):  # never inside an allocation here
         env.pop(k, None)
-    cmd = ["bash", str(script), "--help"] if script.suffix == ".sh" else \
-        [sys.executable, str(script), "--help"]
+    cmd = ["bash", str(script), *args] if script.suffix == ".sh" else \
+        [sys.executable, str(script), *args]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert not any(v.exists() for v in venvs.values()), f"{script.name} {args} created a venv"
+    assert list(tmp_path.iterdir()) == [], f"{script.name} {args} wrote {list(tmp_path.iterdir())}"
+    return r
+
+
+def _snapshot(paths: list[Path]) -> dict:
+    return {p: p.read_bytes() if p.exists() else None for p in paths}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_script_answers_help_without_side_effects(script, tmp_path):
+    before = _snapshot(GPU_SUITE_OUTPUTS)
+    r = run_script(script, ["--help"], tmp_path)
     assert r.returncode == 0, f"{script.name} --help exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
     assert "usage" in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
-    assert not any(v.exists() for v in venvs.values()), f"{script.name} --help created a venv"
-    assert list(tmp_path.iterdir()) == [], f"{script.name} --help wrote {list(tmp_path.iterdir())}"
+    assert _snapshot(GPU_SUITE_OUTPUTS) == before, f"{script.name} --help changed the results"
+
+
+@pytest.mark.parametrize("flag", ["--list", "--dry-run"])
+def test_gpu_suite_lists_its_checks_without_side_effects(flag, tmp_path):
+    before = _snapshot(GPU_SUITE_OUTPUTS)
+    r = run_script(GPU_SUITE, [flag], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in ("loss_kernel", "te_parity", "memory_plan", "fp8_step", "sglang_cuda"):
+        assert name in r.stdout, r.stdout
+    assert _snapshot(GPU_SUITE_OUTPUTS) == before, f"gpu_suite.sh {flag} changed the results"
+    only = run_script(GPU_SUITE, [flag, "--only", "fp8_step,loss_kernel"], tmp_path)
+    assert only.returncode == 0 and "sglang_cuda" not in only.stdout, only.stdout + only.stderr
+    bad = run_script(GPU_SUITE, [flag, "--skip", "no_such_check"], tmp_path)
+    assert bad.returncode == 2 and "no_such_check" in bad.stderr, bad.stdout + bad.stderr
+
+
+def test_gpu_suite_refuses_without_cuda(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: a real run would measure")
+    before = _snapshot(GPU_SUITE_OUTPUTS)
+    r = run_script(GPU_SUITE, [], tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "no CUDA device: this suite only runs on a GPU; use --list/--dry-run here"], r.stderr
+    assert r.stdout == "", r.stdout
+    assert _snapshot(GPU_SUITE_OUTPUTS) == before, "a refused run changed the results"

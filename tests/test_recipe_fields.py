@@ -24,7 +24,8 @@ The Trainer runs on a fake *backend*, replaced only where the work leaves Python
 Megatron model construction (``build_model_chunks`` -> models whose logits are a fixed function
 of their loaded weights' path; the TransformerConfig is still built by the real
 ``transformer_config``), Megatron DDP / optimizer (the real OptimizerConfig, DDP config and
-OptimizerParamScheduler are built and recorded), dist-checkpoint and HF conversion I/O,
+OptimizerParamScheduler are built and recorded), dist-checkpoint I/O, the direct HF load and
+the HF conversion (which start-up must never call),
 ``torch.distributed`` collectives (one rank), ``init_runtime``, the SGLang server processes
 (``ManagedProcess.start``: the real command line and environment are recorded), and greedy
 decoding for eval. Everything between the recipe and those calls is the project's code.
@@ -192,6 +193,9 @@ PERTURB: dict[str, P] = {
     "parallel.sequence_parallel": P(("parallel.sequence_parallel=false",), ("megatron", "plan"), "70b"),
     "parallel.recompute": P(("parallel.recompute=full",), ("megatron", "plan"), "70b"),
     "parallel.overlap_p2p_comm": P(("parallel.overlap_p2p_comm=false",), ("megatron",), "70b"),
+    # --- runtime -------------------------------------------------------------------------------
+    "runtime.timeout_minutes": P(("runtime.timeout_minutes=90",), ("runtime",)),
+    "runtime.phase_warn_minutes": P(("runtime.phase_warn_minutes=5",), ("runtime",)),
     # --- train ---------------------------------------------------------------------------------
     "train.steps": P(("train.steps=100",), ("student", "checkpoint", "logger")),
     "train.prompts_per_step": P(("train.prompts_per_step=16",), ("rollout",),
@@ -494,7 +498,7 @@ def fake_backend(workdir: Path):
     import mopd_megatron.training.schedule as schedule
     import mopd_megatron.training.step as step_mod
     from mopd_megatron.models import builder as model_builder
-    from mopd_megatron.rollout import server
+    from mopd_megatron.rollout import server, sglang_engine
     from mopd_megatron.teachers import TeacherPool
     from mopd_megatron.trainer import builders
     from mopd_megatron.training import adamw_fallback, dist_ckpt
@@ -513,8 +517,7 @@ def fake_backend(workdir: Path):
         return [FakeModel(hf, tc, v, frozen) for _ in range(parallel.vpp or 1)]
 
     def ckpt_load(path, chunks, optimizer=None, **kw):
-        marker = Path(path) / "converted_from.txt"   # written by the fake converter below
-        source = marker.read_text() if marker.exists() else f"megatron:{path}"
+        source = f"megatron:{path}"
         for c in chunks:
             _model(c).weights = source
         be.record("load", source)
@@ -523,10 +526,14 @@ def fake_backend(workdir: Path):
         os.makedirs(path, exist_ok=True)
         be.record("save", os.path.relpath(path, workdir))
 
-    def hf_to_megatron(src, out, dtype="bf16", **kw):
-        os.makedirs(out, exist_ok=True)
-        (Path(out) / "converted_from.txt").write_text(f"hf:{src}:{dtype}")
-        be.record("convert_hf", {"src": src, "dtype": dtype})
+    def load_hf(chunks, path, hf=None):
+        for c in chunks:
+            _model(c).weights = f"hf:{path}"
+        be.record("load_hf", {"src": path, "hf": getattr(hf, "architecture", None)})
+
+    def hf_to_megatron(src, out, **kw):
+        raise AssertionError(f"the trainer converted {src} at start-up: format hf is read "
+                             "directly by every rank (convert.load_hf_weights)")
 
     def megatron_to_hf(src, out, hf_config=None, **kw):
         be.record("export_hf", {"src": os.path.relpath(src, workdir), "out": out,
@@ -559,8 +566,9 @@ def fake_backend(workdir: Path):
         be.record("scheduler", kw)
         return real_scheduler(optimizer, **kw)
 
-    def init_runtime(tp=1, pp=1, vpp=None, seed=1234):
-        be.record("init_runtime", {"tp": tp, "pp": pp, "vpp": vpp, "seed": seed})
+    def init_runtime(tp=1, pp=1, vpp=None, seed=1234, timeout_minutes=30):
+        be.record("init_runtime", {"tp": tp, "pp": pp, "vpp": vpp, "seed": seed,
+                                   "timeout_minutes": timeout_minutes})
         return runtime.Layout(tp=tp, pp=pp, dp=1, vpp=vpp, tp_rank=0, pp_rank=pp - 1, dp_rank=0,
                               rank=0, world_size=1)
 
@@ -615,6 +623,7 @@ def fake_backend(workdir: Path):
                           classmethod(lambda cls, *a, **k: phase("teachers", teacher_build)(cls, *a, **k))),
         mock.patch.object(dist_ckpt, "load", ckpt_load),
         mock.patch.object(dist_ckpt, "save", ckpt_save),
+        mock.patch.object(convert, "load_hf_weights", load_hf),
         mock.patch.object(convert, "convert_hf_to_megatron", hf_to_megatron),
         mock.patch.object(convert, "convert_megatron_to_hf", megatron_to_hf),
         mock.patch.object(convert, "export_hf_weights", export_hf_weights),
@@ -636,6 +645,8 @@ def fake_backend(workdir: Path):
         mock.patch.object(dist, "barrier", lambda group=None, **kw: None),
         mock.patch.object(server.ManagedProcess, "start", process_start),
         mock.patch.object(server, "wait_healthy", lambda *a, **k: None),
+        mock.patch.object(sglang_engine, "wait_healthy", lambda *a, **k: None),
+        mock.patch.object(dist, "all_reduce", lambda t, op=None, group=None, **kw: None),
         mock.patch.object(server.SGLangRouter, "_wait_workers", lambda self: None),
         mock.patch.object(train_mod, "greedy_accuracy", greedy_accuracy),
         mock.patch.object(importlib.util, "find_spec", find_spec),
@@ -768,8 +779,9 @@ def probe_launch(run: Run, cfg):
 
 
 def probe_runtime(run: Run, cfg):
-    run.build(cfg)
-    return run.be.of(kinds=("init_runtime", "set_num_threads"))
+    t = run.build(cfg)
+    return {"calls": run.be.of(kinds=("init_runtime", "set_num_threads")),
+            "watchdog_s": t.watchdog.warn_after_s}
 
 
 def probe_student(run: Run, cfg):
@@ -879,7 +891,7 @@ def probe_step(run: Run, cfg):
     results = t.student_update(steps)
     metrics = t.metrics(batch, results, kl, 1.0)
     metrics = {k: round(v, 6) for k, v in metrics.items()
-               if not k.startswith("time/") and k != "tokens_per_s"}
+               if not k.startswith(("time/", "mem/")) and k != "tokens_per_s"}
     return {"packed": packed, "kl": plain(kl), "updates": len(results), "metrics": metrics}
 
 

@@ -248,7 +248,9 @@ def test_abort_in_flight(which, request):
     t = threading.Thread(target=lambda: out.setdefault("s", engine.generate([PROMPTS[0]], 2, long)))
     t0 = time.monotonic()
     t.start()
-    time.sleep(1.5)
+    # Requests reach the server within milliseconds; a 900-token generation takes ~1-2 s on
+    # a quiet 2-core machine, so abort early (at 1.5 s both had sometimes finished).
+    time.sleep(0.4)
     engine.abort()
     t.join(timeout=60)
     assert not t.is_alive(), "generate() did not return after abort()"
@@ -374,6 +376,16 @@ def test_unresponsive_server_is_restarted(fleet, models):
     assert_matches_reference(samples, models["hf_a"])   # fresh server: model_path's weights
 
 
+def _killed_after_first(buckets, server, consumed: list):
+    """The buckets, with the server SIGKILLed once bucket 0 is loaded (the rest go to a dead
+    server); records which buckets were taken."""
+    for i, bucket in enumerate(buckets):
+        consumed.append(i)
+        yield bucket
+        if i == 0:
+            server.process.kill_hard()
+
+
 def test_server_killed_during_a_weight_push_is_restarted_and_reported(engine, models):
     """A server dies between two buckets: the remaining buckets are still consumed (in the
     trainer they come from collectives every rank of the node must finish), the server is
@@ -385,15 +397,7 @@ def test_server_killed_during_a_weight_push_is_restarted_and_reported(engine, mo
     old_pid, before = server.process.pid, engine.restart_count
     buckets = state_buckets(models["b"])
     consumed = []
-
-    def killing():
-        for i, bucket in enumerate(buckets):
-            consumed.append(i)
-            yield bucket
-            if i == 0:  # bucket 0 is loaded; the rest go to a dead server
-                server.process.kill_hard()
-
-    stats = engine.update_weights(killing(), version="partial")
+    stats = engine.update_weights(_killed_after_first(buckets, server, consumed), version="partial")
     assert consumed == list(range(len(buckets))) and stats.buckets == len(buckets) > 1
     assert stats.lost == (0,) and stats.transport == ("cuda_ipc" if DEVICE == "cuda" else "shm")
     assert engine.restart_count > before and server.process.pid != old_pid and server.alive()
@@ -413,18 +417,11 @@ def test_server_killed_during_a_group_push_rejoins_a_new_update_group(engine, mo
     old_pid, before = server.process.pid, engine.restart_count
     buckets = state_buckets(models["a"])
     consumed = []
-
-    def killing():
-        for i, bucket in enumerate(buckets):
-            consumed.append(i)
-            yield bucket
-            if i == 0:
-                server.process.kill_hard()
-
     engine.connect_weight_group("127.0.0.1", free_port())
     try:
         first_group = engine._dist_sync
-        stats = engine.update_weights(killing(), version="partial")
+        stats = engine.update_weights(_killed_after_first(buckets, server, consumed),
+                                      version="partial")
         assert consumed == list(range(len(buckets))) and stats.lost == (0,)
         assert engine.restart_count > before and server.process.pid != old_pid
         engine.update_weights(iter(buckets), version="again")

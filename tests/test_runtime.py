@@ -140,3 +140,24 @@ def test_fp8_refused_without_transformer_engine_or_hopper():
     with pytest.raises(ConfigError, match="model.fp8.first_last_layers_bf16"):
         FP8Config(enabled=True, recipe="delayed")
     FP8Config(enabled=True, recipe="delayed", first_last_layers_bf16=False)
+
+
+def _group_timeouts(rank, world_size):
+    import torch.distributed as dist
+
+    from mopd_megatron.runtime import init_runtime
+    lay = init_runtime(tp=2, pp=1, timeout_minutes=7)
+
+    def minutes(group):  # what the gloo backend of the group will wait, as torch holds it
+        return group._get_backend(torch.device("cpu")).options._timeout.total_seconds() / 60
+    return {"default": minutes(dist.group.WORLD), "tp": minutes(lay.tp_group),
+            "pp": minutes(lay.pp_group), "dp": minutes(lay.dp_group),
+            "node": minutes(lay.node_group)}
+
+
+def test_timeout_minutes_reaches_every_process_group():
+    """runtime.timeout_minutes (the Trainer passes it to init_runtime, tests/test_recipe_fields)
+    is the timeout of the default group, Megatron's groups and the node groups (new_group does
+    not inherit the default group's: it would be torch's 30 minutes)."""
+    for got in run_ranks(_group_timeouts, 2, timeout=180):
+        assert got == {"default": 7.0, "tp": 7.0, "pp": 7.0, "dp": 7.0, "node": 7.0}

@@ -52,7 +52,7 @@ def run(rank, world, tiny, evals, out):
         trainer.close()
 
 
-def test_periodic_eval_is_logged_and_matches_the_final_eval(tmp_path):
+def test_periodic_eval_is_logged_and_matches_the_final_eval(tmp_path, capfd):
     tiny = tiny_inputs(tmp_path / "tiny")
     evals = tmp_path / "own_greedy.jsonl"
     hf_greedy_answers(tiny, evals)
@@ -62,6 +62,16 @@ def test_periodic_eval_is_logged_and_matches_the_final_eval(tmp_path):
     assert [s for s, e in logged.items() if e] == [2, 4]
     assert set(logged[2]) == {"eval/caesar", "eval/reversal"}
     assert all("time/eval" in r for r in rows if r["step"] in (2, 4))
+    # Peak memory of every phase, beside its time (CPU: the process's resident peak).
+    for r in rows:
+        for phase in ("rollout", "reward", "teacher", "student", "sync"):
+            assert r[f"mem/{phase}_max_gib"] > 0, (phase, r)
+    assert all("mem/eval_max_gib" in r for r in rows if r["step"] in (2, 4))
+    # At the first step, the planner's terms beside the measurement (with the CPU caveat).
+    out = capfd.readouterr().out
+    assert "memory at step 1, rank 0 (pipeline stage 1 of 1)" in out, out[-3000:]
+    assert "plan  student weights" in out and "measured host RSS peak" in out
+    assert "not comparable" in out and "memory at step 2" not in out
     # Before training the student reproduces its own HF greedy answers (fp32 near-ties aside).
     before = report["before"]["student"]
     assert set(before) == {"caesar", "reversal"} and min(before.values()) >= 0.95

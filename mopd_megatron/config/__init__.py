@@ -13,11 +13,11 @@ from .loader import config_from_dict, load_recipe, parse_override
 from .model import FP8Config, ModelConfig, TeacherConfig
 from .recipe import MOPDConfig
 from .run import CheckpointConfig, LoggingConfig, TrainConfig
-from .systems import ParallelConfig, RolloutConfig
+from .systems import ParallelConfig, RolloutConfig, RuntimeConfig
 
 __all__ = [
     "ConfigError", "MOPDConfig", "load_recipe", "config_from_dict", "parse_override", "field_docs",
     "ModelConfig", "FP8Config", "TeacherConfig", "DataConfig", "VerifierSpec", "RewardConfig",
     "LossConfig", "OptimizerConfig", "RolloutConfig", "ParallelConfig", "TrainConfig",
-    "CheckpointConfig", "LoggingConfig",
+    "CheckpointConfig", "LoggingConfig", "RuntimeConfig",
 ]

@@ -53,9 +53,12 @@ class ModelConfig:
         None, "Directory holding the student's HF config.json (architecture). Defaults to "
               "model.checkpoint when that is an HF checkpoint.")
     checkpoint: str | None = doc(
-        None, "Initial student weights (HF directory or Megatron dist-checkpoint). null starts "
-              "from random weights (tests only).")
-    checkpoint_format: Literal["hf", "megatron"] = doc("hf", "Format of model.checkpoint.")
+        None, "Initial student weights (HF directory or Megatron dist-checkpoint); not read "
+              "when the run resumes from a checkpoint. null starts from random weights (tests "
+              "only).")
+    checkpoint_format: Literal["hf", "megatron"] = doc(
+        "hf", "Format of model.checkpoint. hf: every rank reads its own shards from the "
+              "safetensors files; megatron: a torch_dist checkpoint (mopd convert hf-to-megatron).")
     tokenizer: str | None = doc(None, "HF tokenizer directory; defaults to model.hf_config.")
     dtype: Literal["bf16", "fp16", "fp32"] = doc("bf16", "Parameter/compute dtype of the student.")
     fp8: FP8Config = doc(help="FP8 settings (see model.fp8.*).", factory=FP8Config)
@@ -81,11 +84,12 @@ class TeacherConfig:
 
     domains: list[str] = doc(help="Data domains this teacher scores (each domain has exactly one teacher).")
     checkpoint: str = doc(help="Teacher weights: HF directory or Megatron dist-checkpoint.")
-    format: Literal["hf", "megatron"] = doc("hf", "Format of the teacher checkpoint.")
+    format: Literal["hf", "megatron"] = doc(
+        "hf", "Format of the teacher checkpoint (as model.checkpoint_format).")
     hf_config: str | None = doc(
         None, "Teacher HF config directory (architecture); defaults to the checkpoint for HF "
               "checkpoints, required for Megatron checkpoints.")
-    name: str | None = doc(None, "Name used in metrics (teacher/<name>/...); defaults to the first domain.")
+    name: str | None = doc(None, "Name used in metrics (kl/<name>); defaults to the first domain.")
     offload: bool = doc(False, "Keep the teacher in pinned CPU memory between scoring passes.")
 
     def __post_init__(self):

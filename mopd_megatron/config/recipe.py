@@ -13,7 +13,7 @@ from .algorithm import DataConfig, LossConfig, OptimizerConfig, RewardConfig
 from .base import ConfigError, doc
 from .model import ModelConfig, TeacherConfig
 from .run import CheckpointConfig, LoggingConfig, TrainConfig
-from .systems import ParallelConfig, RolloutConfig
+from .systems import ParallelConfig, RolloutConfig, RuntimeConfig
 
 __all__ = ["MOPDConfig"]
 
@@ -32,6 +32,7 @@ class MOPDConfig:
     loss: LossConfig = doc(help="MOPD surrogate.", factory=LossConfig)
     optimizer: OptimizerConfig = doc(help="Optimizer and schedule.", factory=OptimizerConfig)
     parallel: ParallelConfig = doc(help="Parallel layout.", factory=ParallelConfig)
+    runtime: RuntimeConfig = doc(help="Process-group timeout and hang reports.", factory=RuntimeConfig)
     train: TrainConfig = doc(help="Loop length and seed.", factory=TrainConfig)
     checkpoint: CheckpointConfig = doc(help="Checkpointing.", factory=CheckpointConfig)
     logging: LoggingConfig = doc(help="Metric sinks.", factory=LoggingConfig)

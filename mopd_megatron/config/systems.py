@@ -1,4 +1,4 @@
-"""Where things run: the rollout engine and the training parallel layout."""
+"""Where things run: the rollout engine, the training parallel layout and the process groups."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from .base import check, doc
 
-__all__ = ["RolloutConfig", "ParallelConfig"]
+__all__ = ["RolloutConfig", "ParallelConfig", "RuntimeConfig"]
 
 
 # Flags SGLangServer derives from the config; a second value in rollout.server_args would
@@ -189,3 +189,32 @@ class ParallelConfig:
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tp * self.pp)
+
+
+@dataclass
+class RuntimeConfig:
+    """The trainer's process groups, and what a rank says when it waits too long."""
+
+    SECTION: ClassVar[str] = "runtime"
+
+    timeout_minutes: int = doc(
+        30, "Collective timeout of every trainer process group (torch.distributed's default "
+            "group, Megatron's TP/PP/DP groups, the node groups): a rank waiting longer on its "
+            "peers fails instead of hanging. Ranks wait on global rank 0 for a whole rollout "
+            "and reward phase, so keep it above the longest of those.")
+    phase_warn_minutes: float | None = doc(
+        None, "A rank still in one phase (start-up builds, rollout, reward, teacher, student, "
+              "sync, eval, save, ...) after this many minutes prints, once, which phase and "
+              "step it is in: the rank a hung collective waits on is the one that names "
+              "another phase. null: half of runtime.timeout_minutes; 0: off.")
+
+    def __post_init__(self):
+        check(self.timeout_minutes >= 1, self, "timeout_minutes", "must be >= 1")
+        check(self.phase_warn_minutes is None or self.phase_warn_minutes >= 0, self,
+              "phase_warn_minutes", "must be >= 0 (0: off) or null")
+
+    @property
+    def phase_warn_seconds(self) -> float:
+        """The watchdog's threshold in seconds (0: off)."""
+        minutes = self.timeout_minutes / 2 if self.phase_warn_minutes is None else self.phase_warn_minutes
+        return 60.0 * minutes

@@ -92,17 +92,30 @@ class ArchSpec:
         return 2 * self.layers * self.kv_heads * self.head_dim * bytes_per_elem
 
 
-def check_layout(arch: ArchSpec, tp: int, pp: int, vpp: int | None, what: str) -> None:
-    """Refuse layouts Megatron cannot build, naming the field to change."""
+def layout_problems(arch: ArchSpec, tp: int, pp: int, vpp: int | None,
+                    what: str) -> list[tuple[str, int, str]]:
+    """(field, value, reason) of every way Megatron cannot split this model at TP x PP (x VPP):
+    TransformerConfig refuses heads or KV groups not divisible by TP, the column-parallel MLP
+    an FFN width not divisible by TP, and the transformer block layers not divisible by the
+    pipeline chunks (no uneven split is configured). The vocabulary is padded, never refused."""
+    out = []
     chunks = pp * (vpp or 1)
     if arch.layers % chunks:
-        raise PlanError(f"parallel.pp={pp}{f' x parallel.vpp={vpp}' if vpp else ''} must divide "
-                        f"the {arch.layers} layers of the {what} ({arch.source})")
+        out.append(("parallel.pp", pp, f"{f'x parallel.vpp={vpp} ' if vpp else ''}must divide "
+                    f"the {arch.layers} layers of the {what} ({arch.source})"))
     if arch.heads % tp or arch.kv_heads % tp:
-        raise PlanError(f"parallel.tp={tp} must divide the {arch.heads} attention heads and the "
-                        f"{arch.kv_heads} KV groups of the {what} ({arch.source})")
+        out.append(("parallel.tp", tp, f"must divide the {arch.heads} attention heads and the "
+                    f"{arch.kv_heads} KV groups of the {what} ({arch.source})"))
     if arch.ffn % tp:
-        raise PlanError(f"parallel.tp={tp} must divide the FFN width {arch.ffn} of the {what}")
+        out.append(("parallel.tp", tp, f"must divide the FFN width {arch.ffn} of the {what} "
+                    f"({arch.source})"))
+    return out
+
+
+def check_layout(arch: ArchSpec, tp: int, pp: int, vpp: int | None, what: str) -> None:
+    """Refuse layouts Megatron cannot build, naming the field to change."""
+    for field, value, reason in layout_problems(arch, tp, pp, vpp, what)[:1]:
+        raise PlanError(f"{field}={value} {reason}")
 
 
 def resolve_hf_config(hf_dir: str | None, what: str) -> tuple[HFModelConfig, str]:
@@ -130,4 +143,5 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-__all__ = ["ArchSpec", "PlanError", "resolve_arch", "resolve_hf_config", "check_layout", "known_configs", "ceil_div"]
+__all__ = ["ArchSpec", "PlanError", "resolve_arch", "resolve_hf_config", "check_layout",
+           "layout_problems", "known_configs", "ceil_div"]

@@ -63,10 +63,12 @@ class Layout:
         return self.node_ranks[0]
 
 
-def _node_groups(node_rank: int):
+def _node_groups(node_rank: int, timeout_minutes: int):
     """(node group, global ranks of this node, number of nodes). Every rank creates every
     node's group in the same order (torch.distributed requires it); membership comes from each
     rank's own launcher variables, so two torchrun agents on one host are two nodes."""
+    import datetime
+
     import torch.distributed as dist
     world = dist.get_world_size()
     nodes = [None] * world
@@ -74,7 +76,8 @@ def _node_groups(node_rank: int):
     mine, group = (), None
     for n in sorted(set(nodes)):
         ranks = [r for r, x in enumerate(nodes) if x == n]
-        g = dist.new_group(ranks)
+        # new_group does not inherit the default group's timeout: it takes torch's default.
+        g = dist.new_group(ranks, timeout=datetime.timedelta(minutes=timeout_minutes))
         if n == node_rank:
             mine, group = tuple(ranks), g
     return group, mine, len(set(nodes))
@@ -92,20 +95,23 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def init_runtime(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234) -> Layout:
-    """Start torch.distributed (if needed) and Megatron's parallel state for TP x PP x DP."""
+def init_runtime(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234,
+                 timeout_minutes: int = 30) -> Layout:
+    """Start torch.distributed (if needed) and Megatron's parallel state for TP x PP x DP;
+    every group gets the collective timeout ``timeout_minutes`` (runtime.timeout_minutes)."""
     cpu_compat.apply()
     from megatron.core import parallel_state as ps
-    le = init_distributed()
+    le = init_distributed(timeout_minutes)
     if le.world_size % (tp * pp):
         raise ValueError(f"parallel.tp * parallel.pp = {tp} * {pp} does not divide the world "
                          f"size {le.world_size}")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 virtual_pipeline_model_parallel_size=vpp)
+                                 virtual_pipeline_model_parallel_size=vpp,
+                                 distributed_timeout_minutes=timeout_minutes)
     set_seed(seed)
-    node_group, node_ranks, nodes = _node_groups(le.node_rank)
+    node_group, node_ranks, nodes = _node_groups(le.node_rank, timeout_minutes)
     return Layout(tp=tp, pp=pp, dp=ps.get_data_parallel_world_size(), vpp=vpp,
                   tp_rank=ps.get_tensor_model_parallel_rank(),
                   pp_rank=ps.get_pipeline_model_parallel_rank(),

@@ -92,7 +92,9 @@ def device() -> torch.device:
 
 
 def init_distributed(timeout_minutes: int = 30) -> LaunchEnv:
-    """Initialise the default process group once; later calls return the same description."""
+    """Initialise the default process group once (collective timeout ``timeout_minutes``,
+    runtime.timeout_minutes); later calls return the same description and keep the first
+    group's timeout."""
     le = launch_env()
     if dist.is_initialized():
         return le

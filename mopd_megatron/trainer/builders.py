@@ -1,7 +1,8 @@
 """The trainer's builds, each small and in the order the Trainer runs them.
 
 ``preflight`` does every check that can fail on user input (config, data rows, verifiers,
-checkpoint paths, teacher vocabularies) before any model is built or any file is written.
+checkpoint paths, teacher vocabularies, the layout and context against the models' configs,
+output paths) before any model is built or any file is written.
 """
 from __future__ import annotations
 
@@ -64,15 +65,21 @@ def preflight(cfg: MOPDConfig, world_size: int, *, collect: bool = False,
 
     from ..data import DataError, PromptDataset
     from ..teachers import check_teacher_vocab
+    from .model_checks import model_problems
+    from .output_paths import output_problems
     failures: list[Exception] = []
+    locate = getattr(cfg, "_locate", None)  # the recipe line (or --set) of a field
 
     def run(fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (ConfigError, DataError, OSError, ValueError) as e:
+            found = e.located(locate(e.path)) if isinstance(e, ConfigError) and locate else e
             if not collect:
-                raise
-            failures.append(e)
+                if found is e:
+                    raise
+                raise found from None
+            failures.append(found)
             return None
 
     run(cfg.validate, world_size, check_paths=False, check_imports=False)
@@ -84,6 +91,8 @@ def preflight(cfg: MOPDConfig, world_size: int, *, collect: bool = False,
         run(_check_engine, cfg)
     run(_check_fp8, cfg)
     run(_check_export, cfg)
+    for e in output_problems(cfg) + model_problems(cfg):
+        run(_raise, e)
     # Checks that read an input run only when its path exists (reported once, above).
     if "model.checkpoint" not in missing:
         run(_check_checkpoint, cfg.model.checkpoint, cfg.model.checkpoint_format, "model.checkpoint")
@@ -171,12 +180,21 @@ def _check_export(cfg: MOPDConfig) -> None:
 
 
 def _verifiers(cfg: MOPDConfig):
-    from ..rewards import build_reward_registry
+    from ..rewards import SandboxUnavailable, build_reward_registry
+    from ..runtime import launch_env
     specs = {d: {"type": v.type, **v.params} for d, v in cfg.reward.verifiers.items()}
     try:
-        return build_reward_registry(specs)
+        registry = build_reward_registry(specs)
     except ValueError as e:
         raise ConfigError("reward.verifiers", specs, str(e)) from None
+    except SandboxUnavailable as e:  # no isolation here: refused, naming the domain's sandbox
+        field = f"reward.verifiers.{e.domain}.params.sandbox" if e.domain else "reward.verifiers"
+        raise ConfigError(field, specs.get(e.domain, {}).get("sandbox"), str(e)) from None
+    if launch_env().rank == 0:  # which isolation untrusted code gets is worth one line
+        for d, v in registry.verifiers.items():
+            if hasattr(v, "describe_sandbox"):
+                print(f"reward.verifiers.{d}: code sandbox {v.describe_sandbox()}", flush=True)
+    return registry
 
 
 def build_chunks(hf_source, cfg: MOPDConfig, *, frozen: bool = False) -> tuple[HFModelConfig, list]:
@@ -187,39 +205,20 @@ def build_chunks(hf_source, cfg: MOPDConfig, *, frozen: bool = False) -> tuple[H
                                   frozen=frozen)
 
 
-def load_weights(chunks: list, path: str | None, fmt: str, hf: HFModelConfig) -> None:
-    """Fill ``chunks`` from a Megatron dist-checkpoint or an HF directory (via the converter)."""
+def load_weights(chunks: list, path: str | None, fmt: str, hf: HFModelConfig | None) -> None:
+    """Fill ``chunks`` from a Megatron dist-checkpoint or an HF directory. ``hf``: the
+    architecture the chunks were built from (None: the HF directory's own config.json)."""
     if path is None:
         return
     if fmt == "megatron":
         from ..training import dist_ckpt
         dist_ckpt.load(path, chunks)
         return
-    # HF: the converter streams the safetensors into a torch_dist checkpoint (rank 0, in a
-    # scratch directory next to the HF one's parent on a shared file system), which every rank
-    # then loads in its own layout; the scratch copy is removed afterwards.
-    import shutil
-    import tempfile
-
-    import torch.distributed as dist
-
-    from ..convert import convert_hf_to_megatron
-    from ..training import dist_ckpt
-    name = [None]
-    if dist.get_rank() == 0:
-        scratch = tempfile.mkdtemp(prefix=".mopd_hf_import.", dir=os.path.dirname(os.path.abspath(path)))
-        out = os.path.join(scratch, "dist")
-        dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
-            chunks[0].config.params_dtype]
-        convert_hf_to_megatron(path, out, dtype=dtype)
-        name[0] = scratch
-    dist.broadcast_object_list(name, src=0)
-    try:
-        dist_ckpt.load(os.path.join(name[0], "dist"), chunks)
-    finally:
-        dist.barrier()
-        if dist.get_rank() == 0:
-            shutil.rmtree(name[0], ignore_errors=True)
+    # HF: each rank reads its own shards from the safetensors files, with the converter's
+    # mappings. No rank converts for the others (which would hold every rank in a collective
+    # for a whole-model conversion) and nothing is written next to the model store.
+    from ..convert import load_hf_weights
+    load_hf_weights(chunks, path, hf)
 
 
 def total_optimizer_steps(cfg: MOPDConfig) -> int:
@@ -228,11 +227,13 @@ def total_optimizer_steps(cfg: MOPDConfig) -> int:
     return cfg.train.steps * o.steps_per_rollout * o.epochs_per_rollout
 
 
-def build_student(cfg: MOPDConfig, hf: HFModelConfig):
-    """(ddp chunks, optimizer, scheduler), weights loaded from model.checkpoint."""
+def build_student(cfg: MOPDConfig, hf: HFModelConfig, *, load: bool = True):
+    """(ddp chunks, optimizer, scheduler), weights loaded from model.checkpoint unless ``load``
+    is false (a resume: the checkpoint it loads next replaces every weight)."""
     from ..training.optimizer import build_optimizer, wrap_ddp
     _, chunks = build_chunks(hf, cfg)
-    load_weights(chunks, cfg.model.checkpoint, cfg.model.checkpoint_format, hf)
+    if load:
+        load_weights(chunks, cfg.model.checkpoint, cfg.model.checkpoint_format, hf)
     ddp = wrap_ddp(chunks, cfg.optimizer)
     optimizer, scheduler = build_optimizer(ddp, cfg.optimizer, total_optimizer_steps(cfg),
                                            DTYPES[cfg.model.dtype])
