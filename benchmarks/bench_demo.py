@@ -129,10 +129,10 @@ def main(argv=None) -> None:
     ap.add_argument("--no-write", action="store_true", help="print the table only")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from mopd_megatron.trainer.cli import _ensure_demo_inputs
     from mopd_megatron.config import load_recipe
+    from mopd_megatron.trainer.cli import ensure_demo_inputs
     cfg = load_recipe(args.recipe, args.overrides)
-    _ensure_demo_inputs(cfg)
+    ensure_demo_inputs(cfg)
     import tempfile
     results = {}
     with tempfile.TemporaryDirectory() as d:

@@ -5,7 +5,7 @@ benchmarks/gpu_suite.sh --only fp8_step` runs it with the other checks' bookkeep
 Megatron GPTModel of a recipe's architecture, built through the trainer's road
 (models/builder.py::transformer_config from the recipe's model.fp8 section,
 build_model_chunks with the TE layer spec, Megatron DDP + distributed optimizer,
-training/step.py::train_step), trained a few steps from identical weights on identical batches
+mcore/step.py::train_step), trained a few steps from identical weights on identical batches
 in BF16 and in FP8. Passes when the FP8 losses track the BF16 ones within tolerance and both
 decrease. Needs a Hopper (sm_90) or newer GPU, Transformer Engine and megatron-core.
 

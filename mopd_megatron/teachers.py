@@ -89,7 +89,7 @@ def score_loss_fn(tp_group, temperature: float = 1.0):
     softmax(logits / T), tempered exactly as the student's loss does), returned as metrics.
     T = 1 is the raw model (the parity probe compares with the engine at T = 1)."""
     from .ops import score_logprobs
-    from .trainer.loss import tempered_logits
+    from .trainer.objective import tempered_logits
 
     def loss_fn(batch, logits):  # logits [b, s, V/tp]
         b, s, v = logits.shape
@@ -140,7 +140,7 @@ class TeacherPool:
         for the reverse-KL estimate: {domain: tensor([sum(log mu - log pi_dom), tokens])}.
         """
         from .runtime import device
-        from .training.schedule import forward_backward
+        from .mcore.schedule import forward_backward
         tp_group = layout.tp_group_or_none
         rows = [(m, r) for m, mb in enumerate(microbatches) for r in range(len(mb["index"]))]
         kl: dict[str, torch.Tensor] = {}

@@ -4,7 +4,8 @@
 
 The Trainer's constructor is an ordered list of builds (trainer/builders.py); ``train_step``
 names the phases (each timed as time/<phase>, measured as mem/<phase>_max_gib and watched by
-trainer/watchdog.py); everything else lives in small modules under ``mopd_megatron/trainer/``.
+trainer/watchdog.py); everything else lives in small modules under ``mopd_megatron/trainer/``,
+checkpoints under ``checkpoint/`` and the Megatron plumbing under ``mcore/``.
 ``mopd train`` (trainer/cli.py) builds a Trainer from a recipe and runs it.
 """
 from __future__ import annotations
@@ -16,15 +17,17 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import MOPDConfig
 from .logging import MetricLogger, PhaseTimer
 from .rewards import grpo_advantages
 from .rollout.engine import SamplingParams
-from .trainer import builders, state
+from .runtime import broadcast_object
+from .trainer import builders
 from .trainer.batch import RolloutBatch, pack_microbatches
 from .trainer.evaluate import greedy_accuracy, load_eval_rows
-from .trainer.loss import make_mopd_loss_fn, reduce_microbatch_metrics
 from .trainer.memory import PhaseMemory, memory_report
+from .trainer.objective import make_mopd_loss_fn, reduce_microbatch_metrics
 from .trainer.preemption import Preempted, StopSignals
 from .trainer.watchdog import PhaseWatchdog
 
@@ -66,7 +69,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.cpu_threads)
         with self.watchdog.phase("start-up: resume lookup", None):
             # Known before the build: a resume loads its checkpoint only, never model.checkpoint.
-            self.resume_path = state.resolve_resume(cfg)
+            self.resume_path = resolve_resume(cfg)
         with self.watchdog.phase("start-up: student", None):                # 3. student
             self.chunks, self.optimizer, self.scheduler = builders.build_student(
                 cfg, self.inputs.hf, load=self.resume_path is None)
@@ -80,10 +83,9 @@ class Trainer:
                 builders.build_engines(cfg, self.chunks, self.inputs, self.layout)  # 6. rollout
         self.engine = self.engines.driver
         # Server engines exist on the driver (rank 0) only: every rank learns how to drive it.
-        traits = [(self.engine.collective, self.engine.needs_weight_sync)
-                  if self.engine is not None else None]
-        dist.broadcast_object_list(traits, src=0)
-        self.engine_collective, self.engine_needs_sync = traits[0]
+        self.engine_collective, self.engine_needs_sync = broadcast_object(
+            (self.engine.collective, self.engine.needs_weight_sync)
+            if self.engine is not None else None)
         self.eval_rows = load_eval_rows(cfg, self.inputs.tokenizer)          # 7. held-out prompts
         self.losses: list[float] = []
         self._pending = None  # one-step-off rollout in flight (train.async_rollout)
@@ -183,9 +185,7 @@ class Trainer:
             batch.advantages = grpo_advantages(
                 torch.tensor(batch.rewards), batch.n,
                 scale_by_std=self.cfg.reward.grpo_std_normalize).tolist()
-        obj = [batch]
-        dist.broadcast_object_list(obj, src=0)
-        return obj[0]
+        return broadcast_object(batch)
 
     def teacher_scores(self, batch: RolloutBatch):
         """This DP rank's micro-batches for every optimizer step of the rollout batch, with
@@ -208,7 +208,7 @@ class Trainer:
         return steps, kl
 
     def student_update(self, steps: list[list[dict]]) -> list:
-        from .training.step import train_step
+        from .mcore.step import train_step
         return [train_step(self.chunks, self.optimizer, self.scheduler, mbs, self.loss_fn,
                            vocab_size=self.inputs.hf.vocab_size, tp_rank=self.layout.tp_rank)
                 for _ in range(self.cfg.optimizer.epochs_per_rollout) for mbs in steps]
@@ -315,15 +315,15 @@ class Trainer:
                          "engine": self.engine.state_dict() if self.engine is not None else {},
                          "losses": self.losses}
         hook = self.hooks.get("checkpoint_write")
-        state.save_checkpoint(self.cfg.checkpoint.dir, step, self.chunks, self.optimizer,
-                              trainer_state, self.cfg.checkpoint.keep_last,
-                              before_commit=(lambda tmp: hook(self, step)) if hook else None)
+        save_checkpoint(self.cfg.checkpoint.dir, step, self.chunks, self.optimizer,
+                        trainer_state, self.cfg.checkpoint.keep_last,
+                        before_commit=(lambda tmp: hook(self, step)) if hook else None)
 
     def _resume(self) -> int:
         path = self.resume_path  # resolved before the student was built
         if path is None:
             return 0
-        st = state.load_checkpoint(path, self.chunks, self.optimizer)
+        st = load_checkpoint(path, self.chunks, self.optimizer)
         self.scheduler.load_state_dict(st["scheduler"])
         self.sampler.load_state_dict(st["sampler"])
         if self.engine is not None and st.get("engine"):

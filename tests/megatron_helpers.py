@@ -74,9 +74,9 @@ def loss_and_grads(ddp_chunks, hf, batches, ckpt_dir):
     the gradients (so every layout's gradients come back under layout-free names)."""
     from megatron.core import parallel_state as ps
 
-    from mopd_megatron.training import dist_ckpt
-    from mopd_megatron.training.losses import masked_token_ce
-    from mopd_megatron.training.schedule import forward_backward
+    from mopd_megatron.checkpoint import dist_ckpt
+    from mopd_megatron.mcore.cross_entropy import masked_token_ce
+    from mopd_megatron.mcore.schedule import forward_backward
     for c in ddp_chunks:
         c.zero_grad_buffer()
     metrics = forward_backward(ddp_chunks, batches, masked_token_ce, vocab_size=hf.vocab_size,
@@ -95,9 +95,14 @@ def loss_and_grads(ddp_chunks, hf, batches, ckpt_dir):
     return float(stats[0] / stats[1])
 
 
-def read(path):
-    from mopd_megatron.training.dist_ckpt import read_full
-    return read_full(path)
+def read(path, keys=None) -> dict:
+    """Full (unsharded) model tensors of a torch_dist checkpoint under their layout-free names
+    (the same whatever TP/PP/DP wrote it), read without a process group by the converter's
+    reader; ``keys``: only these."""
+    from mopd_megatron.convert import dcp_io
+    reader = dcp_io.Reader(path)
+    return {k: dcp_io.read_chunk(reader, k, (0,) * len(md.size), tuple(md.size))
+            for k, md in reader.tensors().items() if keys is None or k in keys}
 
 
 def max_diff(a: dict, b: dict) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mopd_megatron import checkpoint as ckpt
+from mopd_megatron.checkpoint import steps as ckpt
 from tests.dist_helpers import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def assert_loadable(path: Path, step: int) -> None:
 CRASHING_SAVER = textwrap.dedent("""
     import sys, time, torch
     from pathlib import Path
-    from mopd_megatron import checkpoint as ckpt
+    from mopd_megatron.checkpoint import steps as ckpt
     root = Path(sys.argv[1])
     def write1(d):
         g = torch.Generator().manual_seed(1)
@@ -145,18 +145,15 @@ def test_keep_last_never_deletes_the_selected_one(tmp_path):
 
 def _two_rank_save(rank: int, world_size: int, root: str) -> list[str]:
     import torch.distributed as dist
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
 
-    def share(name: str) -> str:
-        box = [name]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+    from mopd_megatron.runtime import broadcast_object
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
 
     def write(d: Path) -> None:
         torch.save({"shard": torch.full((4,), float(rank))}, d / f"shard_{rank}.pt")
 
     out = ckpt.save_atomic(root, 3, write, rank=rank, world_size=world_size,
-                           barrier=dist.barrier, share=share)
+                           barrier=dist.barrier, share=broadcast_object)
     # After the final barrier every rank sees the committed directory with all shards.
     return sorted(p.name for p in Path(out).iterdir())
 

@@ -202,7 +202,7 @@ def test_cross_section_checks(tmp_path, overrides, path, needle):
 
 def test_wsd_decays_over_the_last_fraction_of_all_optimizer_steps(tmp_path):
     from mopd_megatron.trainer.builders import total_optimizer_steps
-    from mopd_megatron.training.optimizer import scheduler_kwargs
+    from mopd_megatron.mcore.optimizer import scheduler_kwargs
     cfg = cfg_with(tmp_path, "optimizer.schedule=wsd", "optimizer.decay_fraction=0.3",
                    "train.steps=10", "optimizer.steps_per_rollout=2",
                    "optimizer.epochs_per_rollout=2", "parallel.global_batch_size=8")
@@ -342,3 +342,22 @@ def test_old_reward_alpha_names_its_new_place(tmp_path):
     with pytest.raises(ConfigError, match=r"^--set reward.alpha=0: reward.alpha=0: unknown field: "
                                           r"reward.alpha moved to loss.alpha"):
         load_recipe(write(tmp_path, BASE), ["reward.alpha=0"])
+
+
+def test_demo_inputs_are_built_only_where_the_recipe_lays_them_out(tmp_path, monkeypatch):
+    """data.build_demo_inputs hands the builder the directory above model.hf_config's
+    student/hf; the builder replaces that whole directory, so any other layout is refused."""
+    import subprocess
+
+    from mopd_megatron.trainer.cli import ensure_demo_inputs
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    text = TINY.read_text()
+    recipe = write(tmp_path, text.replace(".cache/tiny_cpu/student/hf", str(tmp_path / "models")))
+    with pytest.raises(ConfigError, match=r"recipe.yaml:%d: data.build_demo_inputs=True: .*"
+                       r"<dir>/student/hf" % line_of(text, "build_demo_inputs: true")):
+        ensure_demo_inputs(load_recipe(recipe))
+    ensure_demo_inputs(load_recipe(recipe, ["data.build_demo_inputs=false"]))
+    assert calls == []
+    ensure_demo_inputs(load_recipe(TINY, [f"model.hf_config={tmp_path}/demo/student/hf"]))
+    assert [c[-2:] for c in calls] == [["--out", str(tmp_path / "demo")]]

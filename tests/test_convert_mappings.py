@@ -148,9 +148,9 @@ def test_shape_mismatch_names_tensor_and_shapes(qwen2, tmp_path):
 
 
 def test_layout_and_vocab_padding_checks(qwen2, tmp_path):
-    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by --tp 3"):
+    with pytest.raises(ValueError, match="--tp 3 must divide the 4 attention heads"):
         convert_hf_to_megatron(qwen2, str(tmp_path / "a"), tp=3)
-    with pytest.raises(ValueError, match="num_hidden_layers=4 is not divisible by --pp 3"):
+    with pytest.raises(ValueError, match="--pp 3 must divide the 4 layers of the model"):
         convert_hf_to_megatron(qwen2, str(tmp_path / "b"), pp=3)
     with pytest.raises(ValueError, match="make-vocab-size-divisible-by must be >= 1"):
         convert_hf_to_megatron(qwen2, str(tmp_path / "c"), make_vocab_size_divisible_by=0)

@@ -17,7 +17,7 @@ from convert_models import MODELS, VOCAB, hf_logits, hf_tensors, make_model
 from dist_helpers import run_ranks
 
 from mopd_megatron.convert import convert_hf_to_megatron, convert_megatron_to_hf
-from mopd_megatron.convert.dcp_io import tensor_metadata
+from mopd_megatron.convert.dcp_io import Reader
 
 LOGITS_ATOL = 5e-5
 LAYOUTS = {"tp2": dict(tp=2), "pp2": dict(pp=2)}
@@ -54,7 +54,7 @@ def _ranks(rank, world_size, cases, tokens, base):
     from mopd_megatron.models.builder import build_model_chunks
     from mopd_megatron.models.hf_config import load_hf_config
     from mopd_megatron.runtime import init_runtime
-    from mopd_megatron.training import dist_ckpt
+    from mopd_megatron.checkpoint import dist_ckpt
     out = {}
     for layout_name, layout in EXPORT_LAYOUTS.items():
         for arch, (hf_dir, ckpt, want_logits) in cases.items():
@@ -146,7 +146,7 @@ def test_round_trip_is_bitwise(converted, arch, tmp_path):
     convert_megatron_to_hf(saved, back2, hf_config=hf_dir)
     _assert_same_tensors(hf_tensors(back2), hf_tensors(hf_dir))
 
-    mine, theirs = tensor_metadata(ckpt), tensor_metadata(saved)
+    mine, theirs = Reader(ckpt).tensors(), Reader(saved).tensors()
     assert {k: tuple(v.size) for k, v in mine.items()} == \
         {k: tuple(v.size) for k, v in theirs.items()}
     import torch.distributed.checkpoint as dcp

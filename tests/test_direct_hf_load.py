@@ -129,7 +129,7 @@ def _direct_vs_offline(rank, world, cases):
     from mopd_megatron.models.builder import build_model_chunks
     from mopd_megatron.models.hf_config import load_hf_config
     from mopd_megatron.runtime import init_runtime
-    from mopd_megatron.training import dist_ckpt
+    from mopd_megatron.checkpoint import dist_ckpt
     from megatron.core import parallel_state as ps
     out = {}
     for name, (hf_dir, offline, dtype, layout) in cases.items():

@@ -40,8 +40,8 @@ def test_tp2_logits_equal_tp1():
 def _layout_vs_reference(rank, world_size, arch, layers, layout, base):
     """Reference (TP=1, PP=1) and ``layout`` start from the same weights (a dist-checkpoint)
     and must give the same loss and gradients."""
-    from mopd_megatron.training import dist_ckpt
-    from mopd_megatron.training.optimizer import wrap_ddp
+    from mopd_megatron.checkpoint import dist_ckpt
+    from mopd_megatron.mcore.optimizer import wrap_ddp
     ALLREDUCE = _allreduce_settings()
     hf_dict = tiny_config(arch, layers=layers)
     batches = microbatches(n=4)
@@ -81,7 +81,7 @@ def test_tp2_pp2_on_four_ranks(tmp_path):
 
 
 def _ckpt_tp2_to_tp1(rank, world_size, base):
-    from mopd_megatron.training import dist_ckpt
+    from mopd_megatron.checkpoint import dist_ckpt
     tokens = torch.randint(0, 250, (2, 10), generator=torch.Generator().manual_seed(5))
     _, _, chunks = build(tiny_config("Qwen2ForCausalLM"), tp=2, seed=21)
     want = full_logits(chunks, tokens)

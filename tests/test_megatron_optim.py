@@ -13,7 +13,7 @@ SETTINGS = dict(lr=1e-2, clip_grad=1.0, weight_decay=0.01, eps=1e-4)
 
 def _optimizer(chunks, distributed=True, dtype=torch.float32):
     from mopd_megatron.config import OptimizerConfig
-    from mopd_megatron.training.optimizer import build_optimizer, wrap_ddp
+    from mopd_megatron.mcore.optimizer import build_optimizer, wrap_ddp
     settings = OptimizerConfig(distributed_optimizer=distributed, **SETTINGS)
     ddp = wrap_ddp(chunks, settings)
     optimizer, scheduler = build_optimizer(ddp, settings, 1, dtype)
@@ -32,8 +32,8 @@ def _dp_slice(batches):
 
 
 def _step(ddp, optimizer, scheduler, hf, batches):
-    from mopd_megatron.training.losses import masked_token_ce
-    from mopd_megatron.training.step import train_step
+    from mopd_megatron.mcore.cross_entropy import masked_token_ce
+    from mopd_megatron.mcore.step import train_step
     from megatron.core import parallel_state as ps
     result = train_step(ddp, optimizer, scheduler, _dp_slice(batches), masked_token_ce,
                         vocab_size=hf.vocab_size, tp_rank=ps.get_tensor_model_parallel_rank())
@@ -46,7 +46,7 @@ def _steps_from(rank, world_size, base, steps, distributed, out):
     then save the result to ``base/out``. World 1 + plain optimizer is the reference."""
     import os
 
-    from mopd_megatron.training import dist_ckpt
+    from mopd_megatron.checkpoint import dist_ckpt
     _, hf, chunks = build(tiny_config(ARCH), seed=5 + world_size)
     if os.path.exists(tmp(base, "init")):
         dist_ckpt.load(tmp(base, "init"), chunks)
@@ -73,7 +73,7 @@ def test_distributed_optimizer_step_equals_single_rank(tmp_path):
 
 def _resume(rank, world_size, base):
     """TP=2: step, save (model + optimizer), step -> reference. TP=1 x DP=2: load, step."""
-    from mopd_megatron.training import dist_ckpt
+    from mopd_megatron.checkpoint import dist_ckpt
     _, hf, chunks = build(tiny_config(ARCH), tp=2, seed=8)
     ddp, opt, sch = _optimizer(chunks)
     _step(ddp, opt, sch, hf, microbatches(n=2, b=4, seed=0))
@@ -107,8 +107,8 @@ def _bf16_step(rank, world_size):
     _, hf, chunks = build(tiny_config(ARCH), tp=2, seed=3, dtype="bf16")
     assert all(p.dtype == torch.bfloat16 for p in chunks[0].parameters())
     ddp, opt, sch = _optimizer(chunks, dtype=torch.bfloat16)
-    from mopd_megatron.training.losses import masked_token_ce
-    from mopd_megatron.training.step import train_step
+    from mopd_megatron.mcore.cross_entropy import masked_token_ce
+    from mopd_megatron.mcore.step import train_step
     losses = []
     for _ in range(3):
         r = train_step(ddp, opt, sch, microbatches(n=2, b=2, seed=0), masked_token_ce,
@@ -130,7 +130,7 @@ def test_bf16_forward_backward_trains():
 def _wsd_lrs(rank, world_size):
     """The learning rate of 12 optimizer steps under the wsd schedule."""
     from mopd_megatron.config import OptimizerConfig
-    from mopd_megatron.training.optimizer import build_optimizer, wrap_ddp
+    from mopd_megatron.mcore.optimizer import build_optimizer, wrap_ddp
     _, hf, chunks = build(tiny_config(ARCH), seed=3)
     # 12 optimizer steps, the last third (4 steps) decaying
     settings = OptimizerConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2, schedule="wsd",

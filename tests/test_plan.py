@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from mopd_megatron.config import ConfigError, load_recipe
+from mopd_megatron.models.hf_config import load_hf_config
 from mopd_megatron.plan.arch import ArchSpec, resolve_arch
 from mopd_megatron.plan.cli import plan_main
 from mopd_megatron.plan.memory import PlanInputs, TeacherSpec, plan_memory, stage_terms
@@ -34,7 +35,7 @@ TOTAL = 4 * (43008 + 128) + 2 * 64000 + 64   # = 300608
 
 
 def tiny_arch() -> ArchSpec:
-    return ArchSpec(vocab=1000, layers=4, hidden=64, ffn=160, heads=4, kv_heads=2, head_dim=16)
+    return ArchSpec(load_hf_config(TINY_HF))
 
 
 def test_param_counts_by_hand():

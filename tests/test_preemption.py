@@ -86,9 +86,9 @@ def test_scancel_term_saves_requeues_and_resumes_bitwise(local_slurm, tiny, refe
             assert time.monotonic() < deadline, f"never requeued: {_job_fields(jid)}"
             time.sleep(0.5)
         stopped_at = _committed_steps(run / "ckpt")
-        # Slurm holds a requeued job back ~2 minutes (BeginTime); an operator may release it
-        # earlier, and so does the test.
-        subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], timeout=30)
+        # Slurm holds a requeued job back ~2 minutes (its BeginTime). Releasing it earlier
+        # (scontrol update StartTime=now) raced slurmd: "Killing non-startable batch job: Job
+        # credential revoked" (CI, 2026-12-06). Wait as a cluster would.
         f = _wait_job(jid, 600)
     finally:
         subprocess.run(["scancel", jid], timeout=30)

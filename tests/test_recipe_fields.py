@@ -11,6 +11,8 @@ A probe is ``cfg -> comparable artifact`` and runs the project's own consumer co
     megatron   plan.build.student_transformer_config (the function the trainer's build calls)
     plan       plan.memory.plan_memory(plan.cli.inputs_from_config(...))
     launch     the Slurm launcher's CLI (launch/slurm.py::main --emit-shell and --dry-run)
+    demo       what ``mopd train`` runs before start-up to build the demo's inputs
+               (trainer/cli.py::ensure_demo_inputs; the builder's process recorded, not run)
     runtime, student, teachers, engine, sampling, inputs, logger
                a real ``Trainer(cfg)``: its constructor's calls into the backend (below), the
                objects it built (SamplingParams, TeacherPool, engines, Inputs, MetricLogger)
@@ -18,7 +20,7 @@ A probe is ``cfg -> comparable artifact`` and runs the project's own consumer co
                a real ``Trainer(cfg, engine=RecordingEngine())`` and its own methods: rollout(),
                reward(), loss_fn, teacher_scores() + student_update() + metrics(),
                sync_weights(), evaluate() + periodic_eval(), should_save() + save() +
-               state.resolve_resume() + export_hf()
+               checkpoint.resolve_resume() + export_hf()
 
 The Trainer runs on a fake *backend*, replaced only where the work leaves Python/this package:
 Megatron model construction (``build_model_chunks`` -> models whose logits are a fixed function
@@ -123,6 +125,7 @@ PERTURB: dict[str, P] = {
                              ctx=("data.bad_rows=skip",)),
     "data.seed": P(("data.seed=1",), ("rollout",)),
     "data.eval_paths": P(("data.eval_paths=[{d}/prompts_b.jsonl]",), ("eval",)),
+    "data.build_demo_inputs": P(("data.build_demo_inputs=false",), ("demo",)),
     # --- reward --------------------------------------------------------------------------------
     "reward.verifiers.<key>.type": P(("reward.verifiers.caesar.type=math",), ("inputs",)),
     "reward.verifiers.<key>.params": P(
@@ -493,15 +496,16 @@ def fake_backend(workdir: Path):
     import torch.distributed as dist
 
     import mopd_megatron.convert as convert
+    import mopd_megatron.mcore.schedule as schedule
+    import mopd_megatron.mcore.step as step_mod
     import mopd_megatron.runtime as runtime
     import mopd_megatron.train as train_mod
-    import mopd_megatron.training.schedule as schedule
-    import mopd_megatron.training.step as step_mod
+    from mopd_megatron.checkpoint import dist_ckpt
+    from mopd_megatron.mcore import adamw_fallback
     from mopd_megatron.models import builder as model_builder
     from mopd_megatron.rollout import server, sglang_engine
     from mopd_megatron.teachers import TeacherPool
     from mopd_megatron.trainer import builders
-    from mopd_megatron.training import adamw_fallback, dist_ckpt
 
     be = Backend()
     if workdir.exists():
@@ -778,6 +782,20 @@ def probe_launch(run: Run, cfg):
     return out
 
 
+def probe_demo(run: Run, cfg):
+    import subprocess
+
+    from mopd_megatron.trainer import cli
+    calls = []
+
+    def record(cmd, **kw):
+        calls.append({"cmd": [str(c) for c in cmd[1:]], "check": kw.get("check")})
+
+    with mock.patch.object(subprocess, "run", record):
+        cli.ensure_demo_inputs(cfg)
+    return calls
+
+
 def probe_runtime(run: Run, cfg):
     t = run.build(cfg)
     return {"calls": run.be.of(kinds=("init_runtime", "set_num_threads")),
@@ -916,10 +934,10 @@ def probe_eval(run: Run, cfg):
 
 
 def probe_checkpoint(run: Run, cfg):
-    from mopd_megatron.trainer import state
+    from mopd_megatron.checkpoint import resolve_resume
     t, _ = _with_engine(run, cfg)
     saved = [s for s in range(1, cfg.train.steps + 1) if t.should_save(s) and (t.save(s) or True)]
-    resumed = state.resolve_resume(cfg)   # what a relaunch of this recipe continues from
+    resumed = resolve_resume(cfg)   # what a relaunch of this recipe continues from
     t.export_hf()
     return {"saved": saved, "files": [f for f in run.files() if "step_" in f or "latest" in f],
             "resume": str(resumed), "export": run.be.of(kinds=("export_hf",))}

@@ -9,7 +9,7 @@ from mopd_megatron.rewards.code_verifier import (CodeVerifier, TestCase, extract
 from mopd_megatron.rewards.sandbox import SandboxConfig, run_program
 
 LIMITS = {"wall_time_s": 5.0, "cpu_time_s": 4, "memory_mb": 512}
-ISOLATION_ERROR = sb.isolation_error(SandboxConfig())
+ISOLATION_ERROR = sb.probe_isolation(SandboxConfig()).error
 needs_isolation = pytest.mark.skipif(ISOLATION_ERROR is not None,
                                      reason=f"sandbox isolation unavailable: {ISOLATION_ERROR}")
 

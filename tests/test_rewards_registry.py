@@ -5,7 +5,7 @@ from mopd_megatron.rewards import VERIFIER_TYPES, RewardResult, build_reward_reg
 from mopd_megatron.rewards import sandbox as sb
 from mopd_megatron.rewards.simple import ExactMatchVerifier, RegexVerifier
 
-ISOLATION_ERROR = sb.isolation_error(sb.SandboxConfig())
+ISOLATION_ERROR = sb.probe_isolation(sb.SandboxConfig()).error
 LAST_INT = r"(-?\d+)\s*$"
 
 

@@ -11,6 +11,7 @@ transformers, an implementation independent of SGLang's.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -41,6 +42,11 @@ DEVICE = os.environ.get("MOPD_ROLLOUT_TEST_DEVICE") or detect_device()
 # order differences while still being ~3 orders below what one wrong weight tensor causes.
 LOGPROB_ATOL = 1e-4
 PARITY_TOL = 1e-4
+
+
+def kill_hard(process) -> None:
+    """SIGKILL a server's whole process group at once, as a crashed node would lose it."""
+    os.killpg(process.pid, signal.SIGKILL)  # pgid == pid: its own session
 
 
 # -- references ------------------------------------------------------------------------------
@@ -344,7 +350,7 @@ def test_server_killed_mid_rollout_is_restarted_and_resubmitted(batched, models)
     t.start()
     time.sleep(0.5)
     assert t.is_alive(), "rollout finished before the kill; lengthen it"
-    server.process.kill_hard()
+    kill_hard(server.process)
     t.join(timeout=300)
     assert not t.is_alive(), "rollout did not finish after the server was killed"
     samples = out["s"]
@@ -383,7 +389,7 @@ def _killed_after_first(buckets, server, consumed: list):
         consumed.append(i)
         yield bucket
         if i == 0:
-            server.process.kill_hard()
+            kill_hard(server.process)
 
 
 def test_server_killed_during_a_weight_push_is_restarted_and_reported(engine, models):

@@ -38,10 +38,10 @@ def _compat_scenario(rank, world_size):
     from megatron.core import tensor_parallel
     from megatron_helpers import build, microbatches, tiny_config
 
-    from mopd_megatron.training.losses import masked_token_ce
+    from mopd_megatron.mcore.cross_entropy import masked_token_ce
     from mopd_megatron.config import OptimizerConfig
-    from mopd_megatron.training.optimizer import build_optimizer, wrap_ddp
-    from mopd_megatron.training.step import train_step
+    from mopd_megatron.mcore.optimizer import build_optimizer, wrap_ddp
+    from mopd_megatron.mcore.step import train_step
     _, hf, chunks = build(tiny_config("LlamaForCausalLM"), pp=2)
     torch.manual_seed(0)
     before = torch.get_rng_state().clone()

@@ -24,7 +24,7 @@ from mopd_megatron.trainer.builders import _verifiers
 def _local_config() -> dict:
     """How the stand-in server runs programs: isolated if possible; else (tests' own programs
     only) unisolated, as root with an interpreter the dropped uid can execute."""
-    if sb.isolation_error(SandboxConfig()) is None:
+    if sb.probe_isolation(SandboxConfig()).error is None:
         return {}
     if os.geteuid() == 0:
         if not os.path.exists("/usr/bin/python3"):

@@ -4,7 +4,7 @@ log pi_dom (the teachers) are all log softmax(logits / T) at the rollout tempera
 Invariant: a teacher identical to the student gives the teacher term log pi_dom - log pi_theta
 = 0 on every token, hence (alpha = 0) exactly zero gradient, at ANY temperature. Checked
 through the trainer's own paths on real Megatron (gloo, CPU): TeacherPool.score with the
-student's own chunks as the teacher, then make_mopd_loss_fn through training/schedule.py's
+student's own chunks as the teacher, then make_mopd_loss_fn through mcore/schedule.py's
 forward_backward into the DDP grad buffers; and once through Trainer.train_step itself. The
 teacher scored at T = 1 while the student is at T != 1 (the old behaviour) must break it.
 
@@ -60,11 +60,11 @@ def teacher_equals_student(rank, world, tp, temps, stale_teacher_temperature=Non
     ``stale_teacher_temperature`` the teacher is scored at that temperature instead of T."""
     from megatron_helpers import build
     from mopd_megatron.config import LossConfig, OptimizerConfig
+    from mopd_megatron.mcore.optimizer import wrap_ddp
+    from mopd_megatron.mcore.schedule import forward_backward
     from mopd_megatron.teachers import Teacher, TeacherPool
     from mopd_megatron.trainer.batch import pack_microbatches
-    from mopd_megatron.trainer.loss import make_mopd_loss_fn
-    from mopd_megatron.training.optimizer import wrap_ddp
-    from mopd_megatron.training.schedule import forward_backward
+    from mopd_megatron.trainer.objective import make_mopd_loss_fn
     layout, _, chunks = build(tiny_config("Qwen2ForCausalLM"), tp=tp)
     ddp = wrap_ddp(chunks, OptimizerConfig(distributed_optimizer=False))
     # The student's own chunks as the teacher (TeacherPool.build would freeze them: the trainer

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def one_step_recorded(rank, world, overrides):
     """Run one rollout step with train_step wrapped; what each optimizer step saw."""
-    import mopd_megatron.training.step as step_mod
+    import mopd_megatron.mcore.step as step_mod
     from mopd_megatron.config import load_recipe
     from mopd_megatron.train import Trainer
     calls, weights, real = [], [], step_mod.train_step

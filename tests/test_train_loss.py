@@ -53,11 +53,11 @@ def check_against_reference(rank, world):
     from types import SimpleNamespace
 
     from megatron_helpers import build
-    from mopd_megatron.trainer.batch import pack_microbatches
-    from mopd_megatron.trainer.loss import make_mopd_loss_fn
     from mopd_megatron.config import OptimizerConfig
-    from mopd_megatron.training.optimizer import wrap_ddp
-    from mopd_megatron.training.schedule import forward_backward
+    from mopd_megatron.mcore.optimizer import wrap_ddp
+    from mopd_megatron.mcore.schedule import forward_backward
+    from mopd_megatron.trainer.batch import pack_microbatches
+    from mopd_megatron.trainer.objective import make_mopd_loss_fn
     _, hf, chunks = build(tiny_config("Qwen2ForCausalLM"))
     batch = synthetic_batch()
     g = torch.Generator().manual_seed(7)

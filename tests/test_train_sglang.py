@@ -63,11 +63,11 @@ def test_sglang_rollout_weight_sync_and_parity(tmp_path, async_rollout):
         assert max(abs(s["rollout/train_minus_rollout_logp"]) for s in steps[1:]) > 1e-3
     # The final student exported as an HF checkpoint equals the final Megatron checkpoint.
     from safetensors.torch import load_file
-    from mopd_megatron.training.dist_ckpt import read_full
+    from megatron_helpers import read
     hf = {}
     for f in (tmp_path / "run" / "hf").glob("*.safetensors"):
         hf.update(load_file(f))
-    mc = read_full(str(tmp_path / "run" / "ckpt" / "step_3" / "dist"), ["embedding.word_embeddings.weight"])
+    mc = read(str(tmp_path / "run" / "ckpt" / "step_3" / "dist"), ["embedding.word_embeddings.weight"])
     emb = mc["embedding.word_embeddings.weight"]
     assert hf["model.embed_tokens.weight"].equal(emb[:hf["model.embed_tokens.weight"].shape[0]])
     if async_rollout:

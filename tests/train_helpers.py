@@ -44,6 +44,7 @@ def recipe_overrides(d: Path, run: Path, steps: int = 3, extra: list[str] = ()) 
             f"teachers[1].checkpoint={d}/teacher_reversal/mcore",
             f"teachers[1].hf_config={d}/teacher_reversal/hf",
             f"data.paths=[{d}/prompts.jsonl]", "data.eval_paths=[]", "train.eval_interval=0",
+            "data.build_demo_inputs=false",  # these are the inputs: never rebuilt as the demo's
             f"checkpoint.dir={run}/ckpt", f"logging.jsonl_path={run}/metrics.jsonl",
             "logging.console=false", f"train.steps={steps}", "train.prompts_per_step=4",
             "parallel.global_batch_size=16", "parallel.micro_batch_size=4",

@@ -170,7 +170,7 @@ def sft_batches(rows: list[dict], tokenizer, batch: int, steps: int, seed: int):
 
 def smoothed_ce(vocab_size: int, eps: float):
     """Label-smoothed cross-entropy over the real vocabulary, in the (loss_sum, count, metrics)
-    contract of training.schedule (TP=1: the tool trains on one process)."""
+    contract of mcore.schedule (TP=1: the tool trains on one process)."""
     import torch
 
     def loss_fn(batch, logits):  # [b, s, V_padded]
@@ -191,9 +191,9 @@ def train_model(hf: dict, rows: list[dict], tokenizer, steps: int, s: DemoSettin
     from mopd_megatron.models.builder import build_model_chunks
     from mopd_megatron.models.hf_config import load_hf_config
     from mopd_megatron.runtime import set_seed
-    from mopd_megatron.training import dist_ckpt
-    from mopd_megatron.training.optimizer import build_optimizer, wrap_ddp
-    from mopd_megatron.training.step import train_step
+    from mopd_megatron.checkpoint import dist_ckpt
+    from mopd_megatron.mcore.optimizer import build_optimizer, wrap_ddp
+    from mopd_megatron.mcore.step import train_step
     set_seed(seed)
     h = load_hf_config(hf)
     settings = OptimizerConfig(lr=s.lr, min_lr=s.lr * 0.1, betas=(0.9, 0.98), warmup_steps=20,

@@ -28,6 +28,7 @@ TESTS=(
     tests/test_convert_mappings.py tests/test_convert_parity.py
     # loss
     tests/test_ops_tp.py tests/test_ops_mopd_loss.py tests/test_ops_reference.py
+    tests/test_ops_reverse_kl.py
     # recipe -> TransformerConfig (field names differ between megatron-core releases)
     tests/test_transformer_config.py tests/test_recipe_fields.py
 )

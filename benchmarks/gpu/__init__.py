@@ -62,7 +62,7 @@ CHECKS: tuple[CheckSpec, ...] = (
         "recipes/qwen3_8b_mopd.yaml's model.fp8 via models/builder.py::transformer_config "
         "(scaled to 6 layers and a 32768 vocabulary, the recipe's hidden/FFN/heads kept, tp=pp=1), "
         "build_model_chunks(use_te=True), Megatron DDP + distributed optimizer, "
-        "training/step.py::train_step on a learnable copy task; the same initial weights and "
+        "mcore/step.py::train_step on a learnable copy task; the same initial weights and "
         "batches for bf16, the recipe's FP8 recipe (tensorwise) and blockwise. Step time "
         "(median after warm-up), FP8/BF16 ratio, loss difference at the first and last step "
         "(<= 2% / 10%, as benchmarks/gpu_check_fp8.py), and both losses decreasing."),

@@ -56,9 +56,9 @@ def _copy_task(torch, n, s, vocab):
 def _train(torch, hf, cfg, fp8, init, mbs, steps):
     """(per-step losses, per-step seconds) of `steps` optimizer steps from `init`."""
     from mopd_megatron.models.builder import DTYPES, build_model_chunks
-    from mopd_megatron.training.losses import masked_token_ce
-    from mopd_megatron.training.optimizer import build_optimizer, wrap_ddp
-    from mopd_megatron.training.step import train_step
+    from mopd_megatron.mcore.cross_entropy import masked_token_ce
+    from mopd_megatron.mcore.optimizer import build_optimizer, wrap_ddp
+    from mopd_megatron.mcore.step import train_step
     chunks = build_model_chunks(hf, cfg.parallel, dtype=cfg.model.dtype, fp8=fp8, use_te=True)
     state = cpu_state(chunks) if init is None else init
     load_state(chunks, state)

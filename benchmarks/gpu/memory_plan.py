@@ -70,15 +70,15 @@ def run(rec, opts) -> None:
 
 
 def _measure(torch, rec, layout, base, hf, source, hf_dir, context) -> None:
+    from mopd_megatron.mcore.optimizer import build_optimizer, wrap_ddp
+    from mopd_megatron.mcore.step import train_step
     from mopd_megatron.models.builder import DTYPES
     from mopd_megatron.plan.cli import inputs_from_config
     from mopd_megatron.plan.memory import plan_memory
     from mopd_megatron.runtime import have_transformer_engine
     from mopd_megatron.teachers import TeacherPool
     from mopd_megatron.trainer.builders import build_chunks, total_optimizer_steps
-    from mopd_megatron.trainer.loss import make_mopd_loss_fn
-    from mopd_megatron.training.optimizer import build_optimizer, wrap_ddp
-    from mopd_megatron.training.step import train_step
+    from mopd_megatron.trainer.objective import make_mopd_loss_fn
 
     overrides = [f"model.hf_config={hf_dir}", "model.checkpoint=null",
                  f"data.max_prompt_len={PROMPT}", f"rollout.max_new_tokens={RESPONSE}",

@@ -1,21 +1,19 @@
 """Megatron dist-checkpoint (torch_dist) save/load of model chunks and optimizer state.
 
 The checkpoint is layout-free: it can be loaded at another TP/PP/DP (resharding on load).
-Directory commit (atomic rename, latest pointer) is ``mopd_megatron.checkpoint``'s job.
+Directory commit (atomic rename, latest pointer) is ``checkpoint.steps``'s job.
 """
 from __future__ import annotations
 
 import torch
 
+from ..mcore.optimizer import unwrap_ddp
+
 OPTIM_SHARDING = "fully_reshardable"  # loadable at any TP/PP/DP, not just the saving one
 
 
-def _module(chunk):
-    return getattr(chunk, "module", chunk)  # unwrap Megatron DDP
-
-
 def model_sharded_state_dict(chunks: list) -> dict:
-    return {f"model{i}": _module(c).sharded_state_dict() for i, c in enumerate(chunks)}
+    return {f"model{i}": unwrap_ddp(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
 def _call_compat(fn, *args):
@@ -58,26 +56,8 @@ def load(path: str, chunks: list, optimizer=None) -> None:
     from megatron.core import dist_checkpointing
     state = dist_checkpointing.load(_sharded(chunks, optimizer, optimizer is not None), path)
     for i, chunk in enumerate(chunks):
-        _module(chunk).load_state_dict(state["model"][f"model{i}"])
+        unwrap_ddp(chunk).load_state_dict(state["model"][f"model{i}"])
     if optimizer is not None:
         # Some load paths copy into views of parameters; autograd must not record that.
         with torch.no_grad():
             optimizer.load_state_dict(state["optimizer"])
-
-
-def read_full(path: str, keys=None) -> dict[str, torch.Tensor]:
-    """Full (unsharded) tensors of a torch_dist checkpoint, without a process group.
-
-    Keys are Megatron's layout-free names (layers stacked on dim 0), so the result is the same
-    whatever TP/PP/DP wrote the checkpoint. ``keys`` restricts reading to those tensors (one
-    tensor at a time keeps memory at the size of the largest one).
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    reader = dcp.FileSystemReader(path)
-    meta = reader.read_metadata().state_dict_metadata
-    wanted = {k: v for k, v in meta.items() if isinstance(v, TensorStorageMetadata)
-              and not k.startswith("optimizer.") and (keys is None or k in keys)}
-    out = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in wanted.items()}
-    dcp.load(out, storage_reader=reader, no_dist=True)
-    return out

@@ -1,4 +1,4 @@
-"""Checkpoint contents of a training run, committed atomically by ``checkpoint.save_atomic``.
+"""Checkpoint contents of a training run, committed atomically by ``steps.save_atomic``.
 
     step_<N>/dist/               model + optimizer (Megatron torch_dist, reshardable)
     step_<N>/trainer_state.json  step, sampler position, LR schedule, engine position (rank 0)
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import checkpoint as ckpt
-from ..training import dist_ckpt
+from ..runtime import broadcast_object
+from . import dist_ckpt, steps
 
 __all__ = ["save_checkpoint", "load_checkpoint", "resolve_resume"]
 
@@ -40,12 +40,6 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _share(name: str) -> str:
-    obj = [name]
-    dist.broadcast_object_list(obj, src=0)
-    return obj[0]
-
-
 def save_checkpoint(root: str, step: int, chunks: list, optimizer, trainer_state: dict,
                     keep_last: int | None, before_commit=None) -> Path:
     """Collective. ``trainer_state`` (JSON-able) is written by rank 0. ``before_commit(tmp)``
@@ -61,8 +55,8 @@ def save_checkpoint(root: str, step: int, chunks: list, optimizer, trainer_state
         if before_commit is not None:
             before_commit(tmp)
 
-    return ckpt.save_atomic(root, step, write, rank=rank, world_size=world,
-                            barrier=dist.barrier, share=_share, keep_last=keep_last,
+    return steps.save_atomic(root, step, write, rank=rank, world_size=world,
+                            barrier=dist.barrier, share=broadcast_object, keep_last=keep_last,
                             meta={"format": "mopd-trainer-v1"})
 
 
@@ -72,14 +66,14 @@ def resolve_resume(cfg) -> Path | None:
     path = None
     if dist.get_rank() == 0:
         if spec == "auto":
-            path = ckpt.find_latest(root, cleanup=True) if root else None
+            path = steps.find_latest(root, cleanup=True) if root else None
         elif spec != "none":
             path = Path(spec)
-            if ckpt.read_marker(path) is None:
+            if steps.read_marker(path) is None:
                 from ..config import ConfigError
                 raise ConfigError("checkpoint.resume", spec, "not a complete checkpoint "
-                                  f"(no valid {ckpt.MARKER})")
-    path = _share(str(path) if path else "")
+                                  f"(no valid {steps.MARKER})")
+    path = broadcast_object(str(path) if path else "")
     return Path(path) if path else None
 
 

@@ -101,7 +101,7 @@ def save_atomic(root: str | Path, step: int, write: Callable[[Path], None], *, r
     Every rank calls this with the same arguments. ``write(tmp_dir)`` runs on every rank and
     writes that rank's part into the shared temporary directory. With ``world_size > 1``,
     ``barrier()`` must synchronise all ranks and ``share(name)`` must return rank 0's ``name``
-    on every rank (e.g. ``torch.distributed.broadcast_object_list``); rank 0 alone creates,
+    on every rank (e.g. ``runtime.broadcast_object``); rank 0 alone creates,
     commits and prunes. ``keep_last`` prunes older checkpoints, never the new one nor ``protect``.
     """
     root = Path(root)

@@ -32,6 +32,11 @@ class DataConfig:
         help="Held-out prompt files: greedy per-domain accuracy of the student (and of each "
              "teacher on its domains) is reported before and after training. Empty: no eval.",
         factory=list)
+    build_demo_inputs: bool = doc(
+        False, "Build the embedded demo's tokenizer, prompts, teachers and student with "
+               "tools/build_demo_teachers.py into the directory the recipe's paths point at "
+               "(model.hf_config must be `<dir>/student/hf`), when missing or built with other "
+               "settings; `mopd train` does it before start-up. True in recipes/tiny_cpu.yaml.")
 
     def __post_init__(self):
         for p in self.eval_paths:

@@ -128,11 +128,6 @@ class Reader(dcp.FileSystemReader):
                 if isinstance(v, TensorStorageMetadata) and not k.startswith("optimizer.")}
 
 
-def tensor_metadata(path: str) -> dict[str, TensorStorageMetadata]:
-    """Model tensors of a torch_dist checkpoint: key -> global size, dtype, stored chunks."""
-    return Reader(path).tensors()
-
-
 class _ChunkLoadPlanner(LoadPlanner):
     """Fill ``dest`` (shape = the requested chunk) from whatever chunks the checkpoint holds."""
 

@@ -17,6 +17,7 @@ from typing import Iterator
 
 import torch
 
+from ..mcore.optimizer import unwrap_ddp
 from ..models.hf_config import HFModelConfig
 from .mappings import ConversionError
 from .tables import LAYER_PREFIX, Item, context, items
@@ -24,15 +25,11 @@ from .tables import LAYER_PREFIX, Item, context, items
 TIED_HEAD = "output_layer.weight"  # last stage's copy of the embedding when tied (PP > 1)
 
 
-def _module(chunk):
-    return getattr(chunk, "module", chunk)  # unwrap Megatron DDP
-
-
 def local_parameters(chunks: list) -> dict[tuple[str, int | None], torch.nn.Parameter]:
     """This rank's parameters under (layout-free key, global layer index)."""
     out = {}
     for chunk in chunks:
-        model = _module(chunk)
+        model = unwrap_ddp(chunk)
         for name, p in model.named_parameters():
             if not name.startswith(LAYER_PREFIX):
                 out[(name, None)] = p

@@ -11,13 +11,13 @@ import os
 
 import torch
 
-from ..models.builder import DTYPES
-from ..models.hf_config import hf_config_dict, load_hf_config
+from ..models.builder import DTYPES, padded_vocab_size
+from ..models.hf_config import HFModelConfig, hf_config_dict, layout_problems, load_hf_config
 from . import dcp_io
 from .hf_io import (HFCheckpoint, copy_side_files, reference_shapes, require_empty_dir,
                     write_json)
 from .mappings import WHOLE, ConversionError
-from .tables import EXTRA_STATE_MODULES, Item, check_layout, context, hf_key_set, items
+from .tables import EXTRA_STATE_MODULES, Item, context, hf_key_set, items
 
 CONVERT_INFO = "mopd_convert.json"  # how the checkpoint was made (vocab padding, dtype)
 
@@ -52,6 +52,19 @@ def open_checked(hf_dir: str, cfg) -> HFCheckpoint:
     return ckpt
 
 
+def checked_padded_vocab(cfg: HFModelConfig, tp: int, pp: int, divisible_by: int,
+                         source: str) -> int:
+    """Refuse a TP/PP the model cannot be split into (the check start-up and the planner make:
+    models/hf_config.py::layout_problems); returns the padded vocabulary size."""
+    if tp < 1 or pp < 1:
+        raise ValueError(f"--tp and --pp must be >= 1 (got tp={tp}, pp={pp})")
+    for knob, value, reason in layout_problems(cfg, tp, pp, None, "model", source)[:1]:
+        raise ValueError(f"--{knob} {value} {reason}")
+    if divisible_by < 1:
+        raise ValueError(f"--make-vocab-size-divisible-by must be >= 1, got {divisible_by}")
+    return padded_vocab_size(cfg.vocab_size, divisible_by, tp)
+
+
 def _megatron_shape(item: Item, ckpt: HFCheckpoint, ctx) -> tuple[int, ...]:
     # Run the mapping on meta tensors: the shape comes from the same code as the data.
     metas = [torch.empty(ckpt.shape[n], device="meta") for n in item.hf_names]
@@ -66,7 +79,8 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     cfg = load_hf_config(hf_dir)
-    padded = check_layout(cfg, tp, pp, make_vocab_size_divisible_by)
+    padded = checked_padded_vocab(cfg, tp, pp, make_vocab_size_divisible_by,
+                                  os.path.join(hf_dir, "config.json"))
     ctx = context(cfg, padded)
     ckpt = open_checked(hf_dir, cfg)
     todo = items(cfg)

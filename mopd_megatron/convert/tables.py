@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..models.builder import padded_vocab_size
 from ..models.hf_config import ARCHITECTURES, HFModelConfig, UnsupportedModelError
 from .mappings import Context, Direct, FusedGateUp, FusedQKV, Mapping, VocabRows
 
@@ -127,22 +126,3 @@ def context(cfg: HFModelConfig, padded_vocab: int) -> Context:
                    num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels,
                    vocab_size=cfg.vocab_size, padded_vocab_size=padded_vocab)
 
-
-def check_layout(cfg: HFModelConfig, tp: int, pp: int, divisible_by: int) -> int:
-    """Refuse a TP/PP the model cannot be split into; returns the padded vocabulary size."""
-    if tp < 1 or pp < 1:
-        raise ValueError(f"--tp and --pp must be >= 1 (got tp={tp}, pp={pp})")
-    for what, n in (("num_attention_heads", cfg.num_attention_heads),
-                    ("num_key_value_heads", cfg.num_query_groups),
-                    ("intermediate_size", cfg.ffn_hidden_size)):
-        if n % tp:
-            raise ValueError(f"{what}={n} is not divisible by --tp {tp}")
-    if cfg.num_layers % pp:
-        raise ValueError(f"num_hidden_layers={cfg.num_layers} is not divisible by --pp {pp}")
-    if divisible_by < 1:
-        raise ValueError(f"--make-vocab-size-divisible-by must be >= 1, got {divisible_by}")
-    padded = padded_vocab_size(cfg.vocab_size, divisible_by, tp)
-    if padded % tp or padded < cfg.vocab_size:
-        raise ValueError(f"padded vocabulary {padded} (vocab_size={cfg.vocab_size}, divisible "
-                         f"by {divisible_by}) is not divisible by --tp {tp}")
-    return padded

@@ -2,7 +2,7 @@
 
 Not CPU-specific: any machine without TE/Apex fused Adam runs DistributedOptimizer on top of
 torch's AdamW, whose per-parameter ``step`` tensor megatron-core 0.16 mishandles in three
-places. Applied once, from ``training.optimizer.build_optimizer``, and only when
+places. Applied once, from ``mcore.optimizer.build_optimizer``, and only when
 ``HAVE_APEX_OR_TE`` is false.
 
 fresh_state  DistributedOptimizer.state_dict() asserts that every parameter has one ``step``;

@@ -1,6 +1,7 @@
-"""Simple loss functions for the step path (supervised warm-up, smoke runs, tests).
+"""Masked token cross-entropy: the supervised loss of the step path (supervised warm-up,
+smoke runs, the FP8 benchmark, tests). The MOPD objective is trainer/objective.py.
 
-Each follows the ``(loss_sum, count, metrics)`` contract of ``training.schedule``.
+It follows the ``(loss_sum, count, metrics)`` contract of ``mcore.schedule``.
 """
 from __future__ import annotations
 

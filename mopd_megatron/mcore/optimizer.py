@@ -1,5 +1,6 @@
-"""Megatron DDP wrapping, the (distributed) optimizer and its LR schedule, built from the
-recipe's ``optimizer`` section itself (config.OptimizerConfig): one place for every default."""
+"""Megatron DDP wrapping (and unwrapping), the (distributed) optimizer and its LR schedule,
+built from the recipe's ``optimizer`` section itself (config.OptimizerConfig): one place for
+every default."""
 from __future__ import annotations
 
 from . import adamw_fallback
@@ -25,6 +26,11 @@ def wrap_ddp(chunks: list, opt) -> list:
                                                module=chunk,
                                                disable_bucketing=i > 0))
     return wrapped
+
+
+def unwrap_ddp(chunk):
+    """The model inside a chunk that ``wrap_ddp`` wrapped; an unwrapped chunk as it is."""
+    return getattr(chunk, "module", chunk)
 
 
 def megatron_optimizer_config(opt, params_dtype):

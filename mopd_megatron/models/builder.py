@@ -90,7 +90,7 @@ def transformer_config(hf: HFModelConfig, parallel, *, dtype: str, fp8=None,
         batch_p2p_sync=False,
         overlap_p2p_comm=parallel.overlap_p2p_comm and parallel.vpp is not None,
         batch_p2p_comm=not parallel.overlap_p2p_comm,
-        calculate_per_token_loss=True,  # the loss normalises by global counts (see training/)
+        calculate_per_token_loss=True,  # the loss normalises by global counts (see mcore/schedule.py)
         recompute_granularity=recompute,
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,

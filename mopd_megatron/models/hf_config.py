@@ -1,7 +1,10 @@
-"""Hugging Face ``config.json`` <-> Megatron ``TransformerConfig`` fields.
+"""Hugging Face ``config.json`` <-> Megatron ``TransformerConfig`` fields, and the layouts
+Megatron can split such a model into.
 
 One table of field pairs serves both directions (model building reads HF -> Megatron, the
 converter writes Megatron -> HF); per-architecture entries only name their quirks.
+``layout_problems`` is the one divisibility check of a TP x PP (x VPP) layout: start-up, the
+memory planner and the converter all ask it.
 """
 from __future__ import annotations
 
@@ -173,6 +176,28 @@ def load_hf_config(source) -> HFModelConfig:
         qk_layernorm=q.qk_layernorm,
         raw=raw,
     )
+
+
+def layout_problems(cfg: HFModelConfig, tp: int, pp: int, vpp: int | None, what: str,
+                    source: str) -> list[tuple[str, int, str]]:
+    """(knob, value, reason) of every way Megatron cannot split this model at TP x PP (x VPP);
+    knob is "tp" or "pp", each caller names it its own way (``parallel.tp``, ``--tp``).
+    TransformerConfig refuses heads or KV groups not divisible by TP, the column-parallel MLP an
+    FFN width not divisible by TP, and the transformer block layers not divisible by the
+    pipeline chunks (no uneven split is configured). The vocabulary is padded, never refused.
+    ``what`` (e.g. "student") and ``source`` (where the config came from) go into the reasons."""
+    out = []
+    chunks = pp * (vpp or 1)
+    if cfg.num_layers % chunks:
+        out.append(("pp", pp, f"{f'x parallel.vpp={vpp} ' if vpp else ''}must divide the "
+                    f"{cfg.num_layers} layers of the {what} ({source})"))
+    if cfg.num_attention_heads % tp or cfg.num_query_groups % tp:
+        out.append(("tp", tp, f"must divide the {cfg.num_attention_heads} attention heads and "
+                    f"the {cfg.num_query_groups} KV groups of the {what} ({source})"))
+    if cfg.ffn_hidden_size % tp:
+        out.append(("tp", tp, f"must divide the FFN width {cfg.ffn_hidden_size} of the {what} "
+                    f"({source})"))
+    return out
 
 
 def hf_config_dict(cfg: HFModelConfig) -> dict[str, Any]:

@@ -7,16 +7,22 @@ Public API (other modules and external checks call exactly these):
   seq_ids, eps_low, eps_high, alpha, tp_group=None, ...)``: (scalar loss, detached metrics).
 - ``score_logprobs(logits, targets, tp_group=None)``: the teachers' forward-only path (no
   saved tensors, no autograd graph), same kernel.
+- ``reverse_kl(student_logits, teacher, tp_group=None, ...)``: exact per-position
+  KL(pi_theta || pi_teacher) [T] fp32 from vocab-parallel student and teacher logit shards
+  (teacher: a tensor or a rows callable such as ``lm_head_logits(hidden, weight)``);
+  ``topk_reverse_kl(student_logits, topk_ids, topk_logprobs, tp_group=None, ...)``: the same
+  over the teacher's top-k tokens plus one tail bucket (``ops/vocab_parallel_kl.py``).
 """
 from __future__ import annotations
 
 import torch
 
 from .mopd_loss import AGGREGATIONS, IS_VARIANTS, mopd_loss
+from .vocab_parallel_kl import lm_head_logits, reverse_kl, topk_reverse_kl
 from .vocab_parallel_logprobs import BACKENDS, VocabParallelLogprobs, forward_stats
 
-__all__ = ["token_logprobs", "mopd_loss", "score_logprobs", "AGGREGATIONS", "IS_VARIANTS",
-           "BACKENDS"]
+__all__ = ["token_logprobs", "mopd_loss", "score_logprobs", "reverse_kl", "topk_reverse_kl",
+           "lm_head_logits", "AGGREGATIONS", "IS_VARIANTS", "BACKENDS"]
 
 
 def token_logprobs(logits, targets, tp_group=None, *, return_entropy=False, backend="auto",

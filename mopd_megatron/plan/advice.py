@@ -28,7 +28,7 @@ def _candidates(x: PlanInputs) -> list[tuple[str, dict]]:
         out.append((f"--set parallel.tp={tp}", {"tp": tp}))
         tp *= 2
     pp = x.pp * 2
-    while pp <= x.student.layers and x.tp * pp <= x.train_gpus:
+    while pp <= x.student.hf.num_layers and x.tp * pp <= x.train_gpus:
         out.append((f"--set parallel.pp={pp}", {"pp": pp, "vpp": None}))
         pp *= 2
     if x.recompute != "full":

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..models.hf_config import HFModelConfig, load_hf_config
+from ..models.hf_config import HFModelConfig, layout_problems, load_hf_config
 
 KNOWN_CONFIGS = Path(__file__).with_name("known_configs.json")
 
@@ -27,48 +27,35 @@ def known_configs() -> dict[str, dict]:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """A dense decoder's shape. a = heads, g = KV groups, d = head dim, f = FFN width."""
+    """A dense decoder as the planner counts it: its HF config (models/hf_config.py, whose
+    field names the counts read) and where that config came from."""
 
-    vocab: int
-    layers: int
-    hidden: int
-    ffn: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    tied: bool = False
-    qkv_bias: bool = False
-    qk_norm: bool = False
+    hf: HFModelConfig
     source: str = "<spec>"
-
-    @classmethod
-    def from_hf(cls, cfg: HFModelConfig, source: str) -> "ArchSpec":
-        return cls(vocab=cfg.vocab_size, layers=cfg.num_layers, hidden=cfg.hidden_size,
-                   ffn=cfg.ffn_hidden_size, heads=cfg.num_attention_heads,
-                   kv_heads=cfg.num_query_groups, head_dim=cfg.kv_channels,
-                   tied=cfg.tie_word_embeddings, qkv_bias=cfg.qkv_bias,
-                   qk_norm=cfg.qk_layernorm, source=source)
 
     # --- parameter counts -------------------------------------------------------------------
     def layer_sharded(self) -> int:
         """Per-layer parameters split by tensor parallelism (linear weights and qkv biases)."""
-        h, a, g, d = self.hidden, self.heads, self.kv_heads, self.head_dim
+        c = self.hf
+        h, a, g, d = c.hidden_size, c.num_attention_heads, c.num_query_groups, c.kv_channels
         attn = h * a * d + 2 * h * g * d + a * d * h          # q, k, v, o projections
-        bias = (a * d + 2 * g * d) if self.qkv_bias else 0
-        mlp = 3 * h * self.ffn                                 # gate, up, down (SwiGLU)
+        bias = (a * d + 2 * g * d) if c.qkv_bias else 0
+        mlp = 3 * h * c.ffn_hidden_size                        # gate, up, down (SwiGLU)
         return attn + bias + mlp
 
     def layer_replicated(self) -> int:
         """Per-layer parameters every TP rank holds whole (RMSNorm weights)."""
-        return 2 * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
+        c = self.hf
+        return 2 * c.hidden_size + (2 * c.kv_channels if c.qk_layernorm else 0)
 
     def embedding(self) -> int:
-        return self.vocab * self.hidden
+        return self.hf.vocab_size * self.hf.hidden_size
 
     def total_params(self) -> int:
-        out = 0 if self.tied else self.embedding()
-        return (self.layers * (self.layer_sharded() + self.layer_replicated())
-                + self.embedding() + out + self.hidden)
+        c = self.hf
+        out = 0 if c.tie_word_embeddings else self.embedding()
+        return (c.num_layers * (self.layer_sharded() + self.layer_replicated())
+                + self.embedding() + out + c.hidden_size)
 
     def stage_params(self, stage: int, tp: int, pp: int) -> float:
         """Parameters held by one GPU of pipeline stage ``stage`` (0-based) at TP=tp, PP=pp.
@@ -77,45 +64,28 @@ class ArchSpec:
         layer and final norm (with tied embeddings and PP>1 the last stage keeps its own copy,
         as Megatron does). Vocab-parallel embeddings divide by TP.
         """
-        per_stage = self.layers // pp
+        c = self.hf
+        per_stage = c.num_layers // pp
         n = per_stage * (self.layer_sharded() / tp + self.layer_replicated())
         if stage == 0:
             n += self.embedding() / tp
         if stage == pp - 1:
-            n += self.hidden
-            if not self.tied or pp > 1:
+            n += c.hidden_size
+            if not c.tie_word_embeddings or pp > 1:
                 n += self.embedding() / tp
         return n
 
     def kv_bytes_per_token(self, bytes_per_elem: int = 2) -> int:
         """KV cache of one token over all layers (K and V), whole model."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * bytes_per_elem
-
-
-def layout_problems(arch: ArchSpec, tp: int, pp: int, vpp: int | None,
-                    what: str) -> list[tuple[str, int, str]]:
-    """(field, value, reason) of every way Megatron cannot split this model at TP x PP (x VPP):
-    TransformerConfig refuses heads or KV groups not divisible by TP, the column-parallel MLP
-    an FFN width not divisible by TP, and the transformer block layers not divisible by the
-    pipeline chunks (no uneven split is configured). The vocabulary is padded, never refused."""
-    out = []
-    chunks = pp * (vpp or 1)
-    if arch.layers % chunks:
-        out.append(("parallel.pp", pp, f"{f'x parallel.vpp={vpp} ' if vpp else ''}must divide "
-                    f"the {arch.layers} layers of the {what} ({arch.source})"))
-    if arch.heads % tp or arch.kv_heads % tp:
-        out.append(("parallel.tp", tp, f"must divide the {arch.heads} attention heads and the "
-                    f"{arch.kv_heads} KV groups of the {what} ({arch.source})"))
-    if arch.ffn % tp:
-        out.append(("parallel.tp", tp, f"must divide the FFN width {arch.ffn} of the {what} "
-                    f"({arch.source})"))
-    return out
+        c = self.hf
+        return 2 * c.num_layers * c.num_query_groups * c.kv_channels * bytes_per_elem
 
 
 def check_layout(arch: ArchSpec, tp: int, pp: int, vpp: int | None, what: str) -> None:
-    """Refuse layouts Megatron cannot build, naming the field to change."""
-    for field, value, reason in layout_problems(arch, tp, pp, vpp, what)[:1]:
-        raise PlanError(f"{field}={value} {reason}")
+    """Refuse layouts Megatron cannot build (models/hf_config.py::layout_problems), naming the
+    field to change."""
+    for knob, value, reason in layout_problems(arch.hf, tp, pp, vpp, what, arch.source)[:1]:
+        raise PlanError(f"parallel.{knob}={value} {reason}")
 
 
 def resolve_hf_config(hf_dir: str | None, what: str) -> tuple[HFModelConfig, str]:
@@ -136,7 +106,7 @@ def resolve_hf_config(hf_dir: str | None, what: str) -> tuple[HFModelConfig, str
 
 
 def resolve_arch(hf_dir: str | None, what: str) -> ArchSpec:
-    return ArchSpec.from_hf(*resolve_hf_config(hf_dir, what))
+    return ArchSpec(*resolve_hf_config(hf_dir, what))
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -144,4 +114,4 @@ def ceil_div(a: int, b: int) -> int:
 
 
 __all__ = ["ArchSpec", "PlanError", "resolve_arch", "resolve_hf_config", "check_layout",
-           "layout_problems", "known_configs", "ceil_div"]
+           "known_configs", "ceil_div"]

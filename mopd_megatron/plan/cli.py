@@ -56,10 +56,11 @@ def _g(b: float) -> str:
 
 def format_plan(plan: Plan, title: str = "") -> str:
     x = plan.inputs
-    s = x.student
+    s, c = x.student, x.student.hf
     out = [f"memory plan{(': ' + title) if title else ''}",
-           f"  student   {s.source}: {s.total_params() / 1e9:.2f}B params, L={s.layers} h={s.hidden}"
-           f" f={s.ffn} a={s.heads} g={s.kv_heads} V={s.vocab}, {x.dtype}{' + FP8' if x.fp8 else ''}"]
+           f"  student   {s.source}: {s.total_params() / 1e9:.2f}B params, L={c.num_layers} "
+           f"h={c.hidden_size} f={c.ffn_hidden_size} a={c.num_attention_heads} "
+           f"g={c.num_query_groups} V={c.vocab_size}, {x.dtype}{' + FP8' if x.fp8 else ''}"]
     for t in x.teachers:
         out.append(f"  teacher   {t.name}: {t.arch.source}, {t.arch.total_params() / 1e9:.2f}B params, "
                    f"{t.params}, {'offloaded' if t.offload else 'resident'}")

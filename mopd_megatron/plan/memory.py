@@ -142,17 +142,19 @@ class Plan:
 
 def activation_bytes_per_layer_token(arch: ArchSpec, tp: int, sp: bool) -> float:
     """Stored activations of one layer for one token, bf16, no recompute (see module doc)."""
-    h, a, g, d, f = arch.hidden, arch.heads, arch.kv_heads, arch.head_dim, arch.ffn
+    c = arch.hf
+    h, a, g, d, f = (c.hidden_size, c.num_attention_heads, c.num_query_groups, c.kv_channels,
+                     c.ffn_hidden_size)
     replicated = 8 * h / (tp if sp else 1)
     split = (4 * a * d + 4 * g * d + 6 * f) / tp
     return replicated + split
 
 
 def _activations(x: PlanInputs, stage: int) -> float:
-    arch, layers = x.student, x.student.layers // x.pp
+    arch, layers = x.student, x.student.hf.num_layers // x.pp
     full_set = activation_bytes_per_layer_token(arch, x.tp, x.sequence_parallel)
     if x.recompute == "full":
-        per_layer = 2 * arch.hidden / (x.tp if x.sequence_parallel else 1)
+        per_layer = 2 * arch.hf.hidden_size / (x.tp if x.sequence_parallel else 1)
         working = full_set * x.tokens                    # one layer being recomputed
     else:                                                # none; selective ~ none (module doc)
         per_layer, working = full_set, 0.0
@@ -172,7 +174,7 @@ def stage_terms(x: PlanInputs, s: int) -> list[Term]:
     wb = PARAM_BYTES[x.dtype]
     terms = [Term("student weights", "all", P * wb, f"{P / 1e9:.2f}B params x {wb} B ({x.dtype})")]
     if x.fp8:
-        fp8_params = (x.student.layers // x.pp) * x.student.layer_sharded() / x.tp
+        fp8_params = (x.student.hf.num_layers // x.pp) * x.student.layer_sharded() / x.tp
         terms.append(Term("FP8 weight copies", "all", fp8_params, "1 B per linear weight (TE cast)"))
     terms.append(Term("grads (fp32 main)", "all", P * 4, "P x 4 B, Megatron grad buffer"))
     opt_b = 8 if x.dtype == "fp32" else 12
@@ -197,14 +199,15 @@ def stage_terms(x: PlanInputs, s: int) -> list[Term]:
     acts = _activations(x, s)
     inflight = min(x.pp - s, x.micro_batches)
     terms.append(Term("activations", "train", acts,
-                      f"T={x.tokens} tok, {x.student.layers // x.pp} layers x {inflight} in flight,"
+                      f"T={x.tokens} tok, {x.student.hf.num_layers // x.pp} layers x {inflight} in flight,"
                       f" recompute={x.recompute}"))
     if last:
         naive = x.logits_path == "naive"
-        terms.append(Term(f"logits ({x.logits_path})", "train", _logits(x, x.student.vocab, naive),
-                          f"[T, V/t] = [{x.tokens}, {x.student.vocab // x.tp}]"))
+        vocab = x.student.hf.vocab_size
+        terms.append(Term(f"logits ({x.logits_path})", "train", _logits(x, vocab, naive),
+                          f"[T, V/t] = [{x.tokens}, {vocab // x.tp}]"))
         if x.teachers:
-            v = max(t.arch.vocab for t in x.teachers)
+            v = max(t.arch.hf.vocab_size for t in x.teachers)
             terms.append(Term("teacher logits", "score", _logits(x, v, False),
                               "forward only, one micro-batch"))
     if x.rollout_mode == "colocated":

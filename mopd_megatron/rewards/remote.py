@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 
-from mopd_megatron.rewards.sandbox import SandboxConfig, SandboxResult, SandboxUnavailable
+from mopd_megatron.rewards.sandbox_types import SandboxConfig, SandboxResult, SandboxUnavailable
 
 _HTTP_SLACK_S = 30.0  # queueing + interpreter start on the server, beyond the run's own limit
 _RETRIES = 3

@@ -52,12 +52,14 @@ def parity_probe(engine, sequences: Sequence[Sequence[int]],
     return ParityResult(total / count, worst, count)
 
 
-def check_parity(engine, sequences, trainer_logprobs, tolerance: float) -> ParityResult:
-    """parity_probe, raising ParityError when the mean abs diff exceeds `tolerance` (nats)."""
+def check_parity(engine, sequences, trainer_logprobs, tolerance: float,
+                 where: str = "") -> ParityResult:
+    """parity_probe, raising ParityError when the mean abs diff exceeds `tolerance` (nats);
+    ``where`` (e.g. " on <url> at step 3") goes into the error."""
     result = parity_probe(engine, sequences, trainer_logprobs)
     if not result.mean_abs_diff <= tolerance:  # also catches NaN
         raise ParityError(
-            f"weight-sync parity probe failed: mean |log p_engine - log p_trainer| = "
+            f"weight-sync parity probe failed{where}: mean |log p_engine - log p_trainer| = "
             f"{result.mean_abs_diff:.3g} nats > rollout.parity_tolerance={tolerance:g} "
             f"(max {result.max_abs_diff:.3g} over {result.tokens} tokens); the engine is not "
             "running the trainer's weights")

@@ -7,7 +7,6 @@ decides a few launch flags: DEVICE_PROFILES is the one place that knows them.
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import os
 import signal
 import subprocess
@@ -200,10 +199,6 @@ class ManagedProcess:
     def returncode(self) -> int | None:
         return self._proc.poll() if self._proc else None
 
-    def kill_hard(self) -> None:
-        """SIGKILL the whole group at once (used by tests to simulate a crashed node)."""
-        self._signal_group(signal.SIGKILL)
-
     def stop(self, grace_s: float = 10.0) -> None:
         if self._proc is None:
             return
@@ -330,7 +325,3 @@ class SGLangRouter:
 
     def stop(self) -> None:
         self.process.stop()
-
-
-def replace_port(spec: ServerSpec, port: int) -> ServerSpec:
-    return dataclasses.replace(spec, port=port)

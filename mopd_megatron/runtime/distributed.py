@@ -80,6 +80,14 @@ def _slurm_tasks_on_this_node(env) -> int:
     return int(env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_NTASKS", 1))
 
 
+def broadcast_object(obj, group=None, src: int = 0):
+    """Collective: rank ``src``'s ``obj`` (any picklable object) on every rank of ``group``
+    (None: the whole job; ``src`` is a global rank). Other ranks' ``obj`` is ignored."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
 def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 

@@ -1,6 +1,8 @@
 """The trainer's parts: builds (builders), the start-up checks against the models' configs
 (model_checks) and the output paths (output_paths), rollout batches and packing (batch), the
-student's loss under Megatron's schedules (loss), greedy eval (evaluate), weight sync (sync),
-checkpoint contents (state), CLI (cli), the phase watchdog (watchdog) and per-phase peak memory
-(memory). In-trainer sampling and record/replay engines live in rollout/. The loop itself is
+student's MOPD objective under Megatron's schedules and the reduction of its metrics
+(objective), greedy eval (evaluate), weight sync (sync), the final HF export (hf_export),
+preemption signals (preemption), CLI (cli), the phase watchdog (watchdog) and per-phase peak
+memory (memory). Checkpoint contents live in checkpoint/, the Megatron plumbing (optimizer,
+schedules, one step) in mcore/, every rollout engine in rollout/. The loop itself is
 ``mopd_megatron.train``."""

@@ -211,7 +211,7 @@ def load_weights(chunks: list, path: str | None, fmt: str, hf: HFModelConfig | N
     if path is None:
         return
     if fmt == "megatron":
-        from ..training import dist_ckpt
+        from ..checkpoint import dist_ckpt
         dist_ckpt.load(path, chunks)
         return
     # HF: each rank reads its own shards from the safetensors files, with the converter's
@@ -230,7 +230,7 @@ def total_optimizer_steps(cfg: MOPDConfig) -> int:
 def build_student(cfg: MOPDConfig, hf: HFModelConfig, *, load: bool = True):
     """(ddp chunks, optimizer, scheduler), weights loaded from model.checkpoint unless ``load``
     is false (a resume: the checkpoint it loads next replaces every weight)."""
-    from ..training.optimizer import build_optimizer, wrap_ddp
+    from ..mcore.optimizer import build_optimizer, wrap_ddp
     _, chunks = build_chunks(hf, cfg)
     if load:
         load_weights(chunks, cfg.model.checkpoint, cfg.model.checkpoint_format, hf)

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["main", "default_recipe", "build_parser"]
+__all__ = ["main", "default_recipe", "build_parser", "ensure_demo_inputs"]
 
 
 def default_recipe() -> str:
@@ -61,26 +61,34 @@ def plan(cfg, world_size: int) -> str:
     return "\n".join(lines)
 
 
-DEMO_STUDENT = ".cache/tiny_cpu/student/hf"  # the embedded recipe's model.hf_config
-
-
-def _ensure_demo_inputs(cfg) -> None:
-    """The embedded demo builds its tiny teachers/student on first use (cached in .cache/);
-    only when the run points at the demo's own inputs.
+def ensure_demo_inputs(cfg) -> None:
+    """``data.build_demo_inputs``: build the embedded demo's inputs (tokenizer, prompts,
+    teachers, student) where the recipe's paths point, with tools/build_demo_teachers.py, which
+    keeps a current build and replaces any other.
 
     Every rank of a multi-process run (torchrun, Slurm) gets here before any process group
     exists: the tool runs as a single-process child (rank variables removed) under an exclusive
     file lock, so the first rank builds and the others find the cache complete.
     """
-    if cfg.model.hf_config != DEMO_STUDENT:
+    if not cfg.data.build_demo_inputs:
         return
+    from ..config import ConfigError
+    student = Path(cfg.model.hf_config or "")
+    if student.parts[-2:] != ("student", "hf"):
+        # The tool replaces its whole output directory: never one the recipe did not lay out
+        # as the demo's.
+        locate = getattr(cfg, "_locate", None)
+        raise ConfigError("data.build_demo_inputs", True, "the demo's inputs are built as "
+                          f"<dir>/student/hf and beside it, but model.hf_config is "
+                          f"{cfg.model.hf_config!r}").located(
+            locate("data.build_demo_inputs") if locate else None)
     import fcntl
     import subprocess
     root = Path(default_recipe()).resolve().parent.parent
     tool = root / "tools" / "build_demo_teachers.py"
     if not tool.is_file():
         return
-    out = Path(DEMO_STUDENT).parent.parent
+    out = student.parent.parent
     out.parent.mkdir(parents=True, exist_ok=True)
     from ..rollout.server import server_environment  # the launcher's rank variables removed
     env = server_environment(os.environ)
@@ -150,7 +158,7 @@ def main(argv=None) -> int:
         cfg = load_recipe(recipe, args.overrides)
         if args.dry_run:
             return dry_run(cfg, world, shape)
-        _ensure_demo_inputs(cfg)
+        ensure_demo_inputs(cfg)
         _single_process_port()
         from ..train import Trainer
         trainer = Trainer(cfg, stop=stop)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from ..config import MOPDConfig
+from ..runtime import broadcast_object
 
 __all__ = ["export_committed", "offline_command"]
 
@@ -36,18 +37,17 @@ def export_committed(cfg: MOPDConfig, max_shard_mb: float = 2048) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     # Rank 0 alone decides what is exported and prepares the directory; every rank hears
     # either the checkpoint or why not, so none is left waiting on a rank that failed.
-    shared: list = [None, None]
+    shared: tuple = (None, None)
     if rank == 0:
         latest = find_latest(cfg.checkpoint.dir, cleanup=False)
         try:
             if latest is None:
                 raise FileNotFoundError(f"no committed checkpoint in {cfg.checkpoint.dir}")
             require_empty_dir(out)
-            shared = [str(latest / "dist"), None]
+            shared = (str(latest / "dist"), None)
         except OSError as e:
-            shared = [None, f"checkpoint.hf_export_dir={out}: {e}"]
-    dist.broadcast_object_list(shared, src=0)
-    src, error = shared
+            shared = (None, f"checkpoint.hf_export_dir={out}: {e}")
+    src, error = broadcast_object(shared)
     if error is not None:
         raise RuntimeError(error)
     convert_megatron_to_hf(src, out, hf_config=hf_config, max_shard_mb=max_shard_mb,

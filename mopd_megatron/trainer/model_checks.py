@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 
 from ..config import ConfigError, MOPDConfig
-from ..models.hf_config import HFModelConfig
-from ..plan.arch import ArchSpec, PlanError, layout_problems, resolve_hf_config
+from ..models.hf_config import HFModelConfig, layout_problems
+from ..plan.arch import PlanError, resolve_hf_config
 
 __all__ = ["model_problems"]
 
@@ -57,9 +57,8 @@ def model_problems(cfg: MOPDConfig) -> list[ConfigError]:
     span = (f"data.max_prompt_len + rollout.max_new_tokens = {cfg.data.max_prompt_len} + "
             f"{cfg.rollout.max_new_tokens} = {longest} tokens")
     for what, hf, source in _models(cfg):
-        for field, value, reason in layout_problems(ArchSpec.from_hf(hf, source), par.tp, par.pp,
-                                                    par.vpp, what):
-            out.append(ConfigError(field, value, reason))
+        for knob, value, reason in layout_problems(hf, par.tp, par.pp, par.vpp, what, source):
+            out.append(ConfigError(f"parallel.{knob}", value, reason))
         # Every sequence (prompt + response) goes through the student and its teacher.
         if longest > hf.max_position_embeddings:
             out.append(ConfigError(

@@ -1,4 +1,5 @@
-"""The student's loss under Megatron's schedules, and the reduction of its metrics.
+"""The student's objective: the MOPD loss (the fused kernel ``ops.mopd_loss``) wrapped as the
+loss function Megatron's schedules call (mcore/schedule.py), and the reduction of its metrics.
 
 Megatron (calculate_per_token_loss) divides the gradients by the global ``count`` summed over
 micro-batches and data-parallel ranks. ``mopd_loss`` with seq_mean already divides by the

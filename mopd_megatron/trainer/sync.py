@@ -25,6 +25,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..runtime import broadcast_object
+
 __all__ = ["push_weights", "trainer_probe_logprobs"]
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ def trainer_probe_logprobs(chunks: list, layout, vocab_size: int, tokens: list[i
     schedule (any layout); the result is broadcast from the last pipeline stage to every rank."""
     from ..runtime import device
     from ..teachers import score_loss_fn
-    from ..training.schedule import forward_backward
+    from ..mcore.schedule import forward_backward
     t = torch.tensor([tokens], dtype=torch.long, device=device())
     mb = dict(tokens=t, position_ids=torch.arange(t.shape[1], device=t.device)[None],
               targets=torch.roll(t, -1, 1))
@@ -77,12 +79,12 @@ def push_weights(engines, chunks: list, hf, layout, rollout, step: int,
         metrics: dict[str, float] = {}
         if layout.rank == 0:
             metrics = _sync_metrics(engines.driver, loads, time.perf_counter() - t0)
-        parity: list = [None]
+        parity = None
         if probe is not None:
             ours = trainer_probe_logprobs(chunks, layout, hf.vocab_size, probe)
             if layout.rank == 0:
-                parity[0] = _probe_every_engine(engines.driver, probe, ours,
-                                                rollout.parity_tolerance, step)
+                parity = _probe_every_engine(engines.driver, probe, ours,
+                                             rollout.parity_tolerance, step)
         again = torch.tensor([float(lost or _restarts(engines) != before)], device=_device())
         dist.all_reduce(again, op=dist.ReduceOp.MAX)
         if again.item() == 0:
@@ -97,10 +99,10 @@ def push_weights(engines, chunks: list, hf, layout, rollout, step: int,
                         "sync; pushing again", step)
     metrics["sync/attempts"] = float(attempt + 1)
     if probe is not None:
-        dist.broadcast_object_list(parity, src=0)
-        if isinstance(parity[0], Exception):
-            raise parity[0]
-        metrics.update(parity[0])
+        parity = broadcast_object(parity)
+        if isinstance(parity, Exception):
+            raise parity
+        metrics.update(parity)
     return metrics
 
 
@@ -182,19 +184,16 @@ def _probe_every_engine(driver, probe: list[int], ours: list[float], tolerance: 
                         step: int) -> dict[str, float] | Exception:
     """Every engine's parity metrics, or the error of the first engine that failed (returned,
     not raised: push_weights first asks every rank whether an engine restarted meanwhile)."""
-    from ..rollout import ParityError, parity_probe
+    from ..rollout import ParityError, check_parity
     out: dict[str, float] = {}
     for i, client in enumerate(driver.clients):
         try:
-            r = parity_probe(_OneServer(driver, i), [probe], [ours])
+            r = check_parity(_OneServer(driver, i), [probe], [ours], tolerance,
+                             where=f" on {client.url} at step {step}")
+        except ParityError as e:
+            return e
         except Exception as e:  # noqa: BLE001 - returned: a restart may explain it
             return RuntimeError(f"parity probe at step {step} on {client.url}: {e}")
-        if not r.mean_abs_diff <= tolerance:  # also catches NaN
-            return ParityError(
-                f"weight-sync parity probe failed on {client.url} at step {step}: mean "
-                f"|log p_engine - log p_trainer| = {r.mean_abs_diff:.3g} nats > "
-                f"rollout.parity_tolerance={tolerance:g} (max {r.max_abs_diff:.3g} over "
-                f"{r.tokens} tokens); the engine is not running the trainer's weights")
         out[f"rollout/parity_mean_abs/engine{i}"] = r.mean_abs_diff
     out["rollout/parity_mean_abs"] = max(out.values())
     return out
