@@ -74,3 +74,17 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     if errors:
         raise RuntimeError("a rank failed:\n" + "\n".join(errors))
     return [out[r] for r in range(world_size)]
+
+
+def count_all_reduces(dist) -> list[tuple]:
+    """Wrap ``dist.all_reduce`` in this rank's process to record each call's tensor shape (the
+    ops tests pin how many collectives a kernel takes); the list fills as calls happen."""
+    calls = []
+    real = dist.all_reduce
+
+    def counting(tensor, *a, **k):
+        calls.append(tuple(tensor.shape))
+        return real(tensor, *a, **k)
+
+    dist.all_reduce = counting
+    return calls

@@ -69,3 +69,14 @@ def kill_when_logged(path: Path, find, timeout_s: float = 600.0) -> list[int]:
     while time.monotonic() < deadline and not (path.exists() and path.read_text()):
         time.sleep(0.2)
     return [k for pid in find() for k in kill_tree(pid)]
+
+
+def proc_statuses():
+    """(pid, fields of /proc/<pid>/status) for every process still readable: the sandbox tests
+    find leftovers by uid and pid namespace depth (NSpid)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                yield pid, dict(ln.split(":", 1) for ln in f if ":" in ln)
+        except OSError:
+            continue

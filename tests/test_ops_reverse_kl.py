@@ -11,10 +11,7 @@ of the largest element).
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
@@ -338,26 +335,15 @@ def test_clear_errors():
 
 
 # --------------------------------------------------------------------- TP=2 (gloo processes)
-def _count_all_reduces(dist):
-    calls = []
-    real = dist.all_reduce
-
-    def counting(tensor, *a, **k):
-        calls.append(tuple(tensor.shape))
-        return real(tensor, *a, **k)
-
-    dist.all_reduce = counting
-    return calls
-
-
 def _tp_rank(rank, world, cases, backend):
     """Every TP case on one pair of processes: each returns this rank's KL, its gradient slice
     and the shapes of the all-reduces of the forward and of the backward."""
     import torch.distributed as dist
+    from dist_helpers import count_all_reduces
     from mopd_megatron.ops import lm_head_logits, reverse_kl, topk_reverse_kl
     dist.init_process_group("gloo", rank=rank, world_size=world)
     group = dist.new_group(list(range(world)))
-    calls = _count_all_reduces(dist)
+    calls = count_all_reduces(dist)
     out = {}
     for name, c in cases.items():
         vl = c["x"].shape[1] // world
@@ -452,13 +438,8 @@ def test_tp2_matches_tp1_and_reference(backend="torch"):
 def test_triton_kernels_under_interpreter():
     """~8 s on 2 cores (the interpreter on small shapes plus the 2-rank TP cases): not slow."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], env=env,
-                          cwd=HERE.parent, capture_output=True, text=True, timeout=500)
-    report = proc.stdout + proc.stderr[-4000:]
-    assert proc.returncode == 0, report
-    assert "ALL_CASES_PASSED" in proc.stdout, report
+    from interp_helpers import run_in_interpreter
+    run_in_interpreter(__file__)
 
 
 def _case_full_and_topk():
@@ -529,24 +510,9 @@ def _case_tp2():
     mod.test_tp2_matches_tp1_and_reference(backend="triton")
 
 
-def _main() -> int:
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run through the pytest test"
-    torch.set_num_threads(1)
-    failed = 0
-    for name, case in [("full_and_topk", _case_full_and_topk),
-                       ("exact_zero_mask_inplace_callable", _case_exact_zero_mask_inplace_callable),
-                       ("tp2", _case_tp2)]:
-        try:
-            case()
-            print(f"PASS {name}", flush=True)
-        except Exception:  # noqa: BLE001 - report every case, then fail
-            failed += 1
-            print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
-    if not failed:
-        print("ALL_CASES_PASSED")
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
-    sys.exit(_main())
+    from interp_helpers import run_cases
+    sys.exit(run_cases([("full_and_topk", _case_full_and_topk),
+                        ("exact_zero_mask_inplace_callable", _case_exact_zero_mask_inplace_callable),
+                        ("tp2", _case_tp2)]))

@@ -7,23 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_helpers import run_ranks
+from dist_helpers import count_all_reduces, run_ranks
 from mopd_megatron.ops import mopd_loss, score_logprobs, token_logprobs
 from test_ops_reference import make_batch, ref_mopd, ref_token_logprobs
 
 EPS = dict(eps_low=0.5, eps_high=2.0, alpha=0.4)
-
-
-def _count_all_reduces(dist):
-    calls = []
-    real = dist.all_reduce
-
-    def counting(tensor, *a, **k):
-        calls.append(tuple(tensor.shape))
-        return real(tensor, *a, **k)
-
-    dist.all_reduce = counting
-    return calls
 
 
 def _tp_rank(rank, world, batch, use_new_group, inplace, aggregation, backend="torch"):
@@ -36,7 +24,7 @@ def _tp_rank(rank, world, batch, use_new_group, inplace, aggregation, backend="t
     shard = full[:, rank * v_local:(rank + 1) * v_local].clone()
     leaf = shard.clone().requires_grad_(True)
     x = leaf * 1 if inplace else leaf
-    calls = _count_all_reduces(dist)
+    calls = count_all_reduces(dist)
     loss, metrics = mopd_loss(x, **b, **EPS, tp_group=group, entropy=True, backend=backend,
                               inplace_grad=inplace, chunk_tokens=7, aggregation=aggregation)
     n_fwd = list(calls)

@@ -9,10 +9,7 @@ crosses several blocks, with V and T not multiples of it. Tolerances: TOL in the
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
@@ -23,13 +20,8 @@ HERE = Path(__file__).resolve().parent
 @pytest.mark.slow  # ~14-21 s on 2 cores: interpreter + a 2-rank TP case
 def test_triton_kernels_under_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], env=env,
-                          cwd=HERE.parent, capture_output=True, text=True, timeout=500)
-    report = proc.stdout + proc.stderr[-4000:]
-    assert proc.returncode == 0, report
-    assert "ALL_CASES_PASSED" in proc.stdout, report
+    from interp_helpers import run_in_interpreter
+    run_in_interpreter(__file__)
 
 
 # ------------------------------------------------------- everything below runs in the child
@@ -117,25 +109,9 @@ def _case_tp2():
     test_tp2_matches_tp1_and_reference(False, True, "seq_mean", 2 * 37, backend="triton")
 
 
-def _main() -> int:
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run through the pytest test"
-    import torch
-    torch.set_num_threads(1)
-    failed = 0
-    for name, case in [("token_logprobs", _case_token_logprobs),
-                       ("poisoned_grad_buffer", _case_poisoned_grad_buffer),
-                       ("mopd_loss", _case_mopd_loss), ("tp2", _case_tp2)]:
-        try:
-            case()
-            print(f"PASS {name}", flush=True)
-        except Exception:  # noqa: BLE001 - report every case, then fail
-            failed += 1
-            print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
-    if not failed:
-        print("ALL_CASES_PASSED")
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
-    sys.exit(_main())
+    from interp_helpers import run_cases
+    sys.exit(run_cases([("token_logprobs", _case_token_logprobs),
+                        ("poisoned_grad_buffer", _case_poisoned_grad_buffer),
+                        ("mopd_loss", _case_mopd_loss), ("tp2", _case_tp2)]))

@@ -2,15 +2,15 @@
 parity arithmetic, bucket serialisation. (The real-server tests are test_rollout_sglang.py.)"""
 from __future__ import annotations
 
-import json
 import os
 import math
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 import torch
 
+from http_helpers import JSONHandler
 from mopd_megatron.rollout import ParityError, SamplingParams, ServerSpec, check_parity, parity_probe
 from mopd_megatron.rollout.client import ServerClient, ServerError, ServerUnreachable, WeightUpdateAPI
 from mopd_megatron.rollout.server import RouterSpec, SGLangRouter, server_environment
@@ -155,20 +155,9 @@ def test_router_binds_only_configured_host():
 
 
 # -- route probing against a loopback stand-in server ----------------------------------------
-class _Routes(BaseHTTPRequestHandler):
+class _Routes(JSONHandler):
     post_routes: set = set()
     openapi: bool = True
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status, body):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         if self.path == "/openapi.json" and self.openapi:

@@ -16,6 +16,7 @@ import uuid
 
 import pytest
 
+from launch_helpers import proc_statuses
 from mopd_megatron.rewards import sandbox as sb
 from mopd_megatron.rewards.code_verifier import CodeVerifier
 from mopd_megatron.rewards.sandbox import SandboxConfig, SandboxUnavailable, run_program
@@ -37,12 +38,7 @@ def _sandbox_processes():
     lo, hi = SandboxConfig().uid_base, SandboxConfig().uid_base + (1 << 20)
     me = os.getuid()
     found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                fields = dict(ln.split(":", 1) for ln in f if ":" in ln)
-        except OSError:
-            continue
+    for pid, fields in proc_statuses():
         uid = int(fields["Uid"].split()[0])
         nested = len(fields.get("NSpid", "").split()) > 1
         if lo <= uid < hi or (nested and uid == me and me != 0):

@@ -8,11 +8,12 @@ under test is the one the trainer uses; only the server side is a stand-in.
 import json
 import os
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
 
+from http_helpers import JSONHandler
 from mopd_megatron.config import ConfigError
 from mopd_megatron.rewards import remote
 from mopd_megatron.rewards import sandbox as sb
@@ -48,18 +49,7 @@ class FusionStandIn(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):  # keep the test output clean
-        pass
-
-    def _send(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
+class _Handler(JSONHandler):
     def do_POST(self):
         server: FusionStandIn = self.server
         if self.path != "/run_code":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from launch_helpers import proc_statuses
 from mopd_megatron.rewards import _bwrap
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,12 +85,7 @@ def _open_up(closed: dict[Path, set[Path]], keep: str) -> list[str]:
 
 def _leftovers(tmp: str) -> list[str]:
     found = [f"temp dir {name}" for name in os.listdir(tmp) if name.startswith("mopd-sbx-")]
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                fields = dict(ln.split(":", 1) for ln in f if ":" in ln)
-        except OSError:
-            continue
+    for pid, fields in proc_statuses():
         if int(fields["Uid"].split()[0]) == NOBODY and len(fields.get("NSpid", "").split()) > 1:
             found.append(f"process {pid} ({fields['Name'].strip()})")
     return found

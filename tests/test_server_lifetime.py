@@ -41,10 +41,20 @@ def _start(how: str, marker: str) -> tuple[subprocess.Popen, int]:
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     server = int(trainer.stdout.readline())
     deadline = time.monotonic() + 10
-    while not any("sleep 600" in c for c in marked_processes(marker).values()):
+    # Until the launcher's shell has set its traps and exec'd the command, the pid is the shell
+    # (whose command line already names "sleep 600"): wait for the exec itself.
+    while not _cmdline(server).startswith("sleep\x00600"):
         assert time.monotonic() < deadline, "the stand-in server never started"
-        time.sleep(0.1)
+        time.sleep(0.05)
+    assert any("sleep 600" in c for c in marked_processes(marker).values())
     return trainer, server
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline").read()
+    except OSError:
+        return ""
 
 
 @pytest.mark.parametrize("how", ["exception", "SIGTERM", "SIGKILL"])

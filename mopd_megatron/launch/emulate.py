@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,17 +19,12 @@ from typing import Sequence
 __all__ = ["run_nodes", "start_engine_tasks", "stop_engine_tasks"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_nodes(nodes: int, ranks_per_node: int, train_args: Sequence[str], log_dir: Path,
               env: dict[str, str], cwd: Path, timeout_s: float = 800.0) -> list[str]:
     """Run ``mopd train <train_args>`` as ``nodes`` torchrun agents of ``ranks_per_node`` ranks
     each; every agent's output (agent<i>.log in log_dir). Raises if one fails or times out."""
-    rdzv = _free_port()
+    from ..runtime import free_port
+    rdzv = free_port("127.0.0.1")
     log_dir.mkdir(parents=True, exist_ok=True)
     logs = [log_dir / f"agent{n}.log" for n in range(nodes)]
     agents = []

@@ -319,12 +319,10 @@ class SGLangEngine(RolloutEngine):
     def _reconnect_weight_group(self) -> None:
         """A new group with every server (one of them restarted since the last), on a fresh
         port: the old group's store may still be held by the old one's peers."""
-        import socket
+        from ..runtime import free_port
         old = self._dist_sync
         old.close()
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         log.warning("re-creating the weight-update group with %d servers on %s:%d",
                     len(self.clients), old.master_address, port)
         self.connect_weight_group(old.master_address, port, old.backend)

@@ -13,10 +13,12 @@ import numpy as np
 import torch
 
 from . import cpu_compat
-from .distributed import LaunchEnv, backend, broadcast_object, device, init_distributed, launch_env
+from .distributed import (LaunchEnv, backend, broadcast_object, device, free_port, init_distributed,
+                          launch_env)
 from .versions import MCORE_VERSION, have_transformer_engine, mcore_at_least
 
 __all__ = ["Layout", "init_runtime", "set_seed", "device", "backend", "launch_env", "LaunchEnv",
+           "free_port",
            "init_distributed", "broadcast_object", "MCORE_VERSION", "mcore_at_least", "have_transformer_engine",
            "shutdown", "cpu_compat"]
 

@@ -92,6 +92,15 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def free_port(host: str = "") -> int:
+    """A TCP port free on ``host`` now ("": every interface). Another process may take it
+    before the caller binds it: bind soon after."""
+    import socket
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def device() -> torch.device:
     """The device this rank computes on."""
     if torch.cuda.is_available():

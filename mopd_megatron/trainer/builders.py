@@ -284,13 +284,10 @@ def _weight_group_address() -> tuple[str, int]:
     reach rank 0 there), on a port free now."""
     import socket
 
-    from ..runtime import launch_env
+    from ..runtime import free_port, launch_env
     # An address, not a name: "localhost" may resolve to ::1 on one side and 127.0.0.1 on the
     # other, and the group's rendezvous then never completes.
-    addr = socket.gethostbyname(launch_env().master_addr)
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return addr, s.getsockname()[1]
+    return socket.gethostbyname(launch_env().master_addr), free_port()
 
 
 def _engine_model_path(cfg: MOPDConfig) -> str | None:

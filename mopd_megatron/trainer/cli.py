@@ -185,10 +185,8 @@ def _single_process_port() -> None:
     someone else's on a shared machine)."""
     if "RANK" in os.environ or "MASTER_PORT" in os.environ:
         return
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    from ..runtime import free_port
+    os.environ["MASTER_PORT"] = str(free_port("127.0.0.1"))
 
 
 if __name__ == "__main__":
