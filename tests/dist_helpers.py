@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -27,7 +28,10 @@ def _entry(fn, rank, world_size, port, args, results):
         import torch
         torch.set_num_threads(1)
         out = fn(rank, world_size, *args)
-        results.put((rank, True, out))
+        # Plain pickle copies tensors into the message. The queue's own pickler would share
+        # their storage by file descriptor, which the parent can only open while this process
+        # lives: a rank that exited first made the parent fail (FileNotFoundError, CI 0.19 lane).
+        results.put((rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - report every failure to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -57,6 +61,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
         for _ in range(world_size):
             try:
                 rank, ok, val = results.get(timeout=timeout)
+                val = pickle.loads(val) if ok else val
             except queue.Empty:
                 alive = [i for i, p in enumerate(procs) if p.is_alive()]
                 raise TimeoutError(f"ranks {alive} did not finish within {timeout:.0f}s") from None
