@@ -223,6 +223,12 @@ class PhaseTimer:
             key = f"time/{name}"
             self._totals[key] = self._totals.get(key, 0.0) + (self.clock() - start)
 
+    def record(self, name: str, seconds: float) -> None:
+        """Add a duration measured elsewhere (work that overlapped the phases, e.g. the
+        verifiers' wall time while the teachers scored)."""
+        key = f"time/{name}"
+        self._totals[key] = self._totals.get(key, 0.0) + seconds
+
     def pop(self) -> dict[str, float]:
         out, self._totals = self._totals, {}
         return out

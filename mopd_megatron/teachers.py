@@ -5,9 +5,9 @@ from its own checkpoint, and scores only the sequences of its domains, batched, 
 Megatron's forward-only schedule and the ops' forward-only log-prob path (no graph, no saved
 tensors). Results land where the student's loss needs them: the last pipeline stage.
 
-    pool = TeacherPool.build(cfg.teachers, student_hf, layout_opts, load_weights)
-    kl = pool.score(microbatches, domains, vocab_size, mbs, fixed_length,
-                    temperature=T)                     # fills mb["teacher_logp"] in place
+    pool = TeacherPool.build(cfg.teachers, build_chunks, load_weights)
+    logp = pool.score(batch, my_sequences, slots, batching, pad_id=..., vocab_size=...,
+                      temperature=T, layout=layout)   # [response tokens] (last stage)
 
 Offload (``teachers[].offload``): on CUDA the parameters move to pinned CPU memory between
 scoring passes; on CPU there is nowhere to move them, so it is a no-op.
@@ -125,61 +125,42 @@ class TeacherPool:
         return cls(teachers)
 
     @torch.no_grad()
-    def score(self, microbatches: list[dict], domains: list[str], vocab_size: int,
-              micro_batch_size: int, fixed_length: bool, *,
-              temperature: float, layout) -> dict[str, torch.Tensor]:
-        """Fill ``mb["teacher_logp"]`` of the student's micro-batches (last pipeline stage).
+    def score(self, batch, indices: list[int], slots, batching, *, pad_id: int,
+              vocab_size: int, temperature: float, layout,
+              packed_format: str = "mask") -> torch.Tensor | None:
+        """log pi_dom of every response token of ``indices`` (this rank's sequences), as a
+        flat [slots.total] tensor in ``slots``' numbering (trainer/microbatches.py), on the
+        last pipeline stage; None on the other stages.
 
         ``layout`` (runtime.Layout): this rank's TP group and rank.
         ``temperature``: the one log pi_theta and log mu are taken at (rollout.temperature);
         log pi_dom is log softmax(logits / T), so a teacher equal to the student gives A = 0.
 
-        ``domains[i]`` is the domain of rollout-batch sequence i (``mb["index"]`` rows). Each
-        teacher sees only its domains' rows, regrouped into micro-batches of
-        ``micro_batch_size`` (the last one padded by repeating a row). Returns per-domain sums
-        for the reverse-KL estimate: {domain: tensor([sum(log mu - log pi_dom), tokens])}.
+        Each teacher scores the sequences of its domains in one forward-only schedule call,
+        grouped by ``batching`` like the student's (token budget, packing), so that with PP
+        its micro-batches fill the pipeline instead of running one at a time.
         """
-        from .runtime import device
         from .mcore.schedule import forward_backward
-        tp_group = layout.tp_group_or_none
-        rows = [(m, r) for m, mb in enumerate(microbatches) for r in range(len(mb["index"]))]
-        kl: dict[str, torch.Tensor] = {}
+        from .runtime import device
+        from .trainer.microbatches import build_microbatches, seq_len
+        dev = device()
+        out = torch.zeros(slots.total, device=dev)
+        lengths = {i: seq_len(batch, i) for i in indices}
+        last = None
         for teacher in self.teachers:
-            mine = [(m, r) for m, r in rows if domains[microbatches[m]["index"][r]] in teacher.domains]
+            mine = [i for i in indices if batch.domain(i) in teacher.domains]
             if not mine:
                 continue
-            teacher.onload(device())
-            for lo in range(0, len(mine), micro_batch_size):
-                group = mine[lo:lo + micro_batch_size]
-                padded = group + [group[-1]] * (micro_batch_size - len(group))
-                length = microbatches[0]["tokens"].shape[1] if fixed_length else \
-                    max(microbatches[m]["tokens"].shape[1] for m, _ in group)
-                mb = {k: _stack([microbatches[m][k][r] for m, r in padded], length)
-                      for k in ("tokens", "targets")}
-                mb["position_ids"] = torch.arange(length, device=mb["tokens"].device).expand_as(mb["tokens"])
-                out = forward_backward(teacher.chunks, [mb], score_loss_fn(tp_group, temperature),
-                                       vocab_size=vocab_size, tp_rank=layout.tp_rank,
-                                       forward_only=True)
-                if not out:
-                    continue  # not the last pipeline stage: nothing to fill here
-                logp = out[0]["logp"]  # [b, length]
-                for j, (m, r) in enumerate(group):
-                    dst = microbatches[m]
-                    s = dst["tokens"].shape[1]
-                    mask = dst["loss_mask"][r]
-                    dst["teacher_logp"][r] = torch.where(mask > 0, logp[j, :s], 0.0)
-                    dom = domains[dst["index"][r]]
-                    acc = kl.setdefault(dom, torch.zeros(2, dtype=torch.float64))
-                    acc[0] += float(((dst["rollout_logp"][r] - dst["teacher_logp"][r]) * mask).sum())
-                    acc[1] += float(mask.sum())
+            mbs = build_microbatches(batch, batching.groups(lengths, mine, whole=False), pad_id,
+                                     slots=slots, packed=batching.packed,
+                                     pad_multiple=batching.pad_multiple, device=dev)
+            teacher.onload(dev)
+            res = forward_backward(teacher.chunks, mbs,
+                                   score_loss_fn(layout.tp_group_or_none, temperature),
+                                   vocab_size=vocab_size, tp_rank=layout.tp_rank,
+                                   forward_only=True, packed_format=packed_format)
             teacher.offload_()
-        return kl
-
-
-def _stack(rows: list[torch.Tensor], length: int) -> torch.Tensor:
-    """[b, length] from 1-d rows of possibly different lengths, right-padded with id 0."""
-    out = rows[0].new_zeros((len(rows), length))
-    for i, r in enumerate(rows):
-        n = min(len(r), length)
-        out[i, :n] = r[:n]
-    return out
+            last = bool(res)
+            for mb, r in zip(mbs, res):  # the last stage: one result per micro-batch, in order
+                out[mb["resp_slot"]] = r["logp"].reshape(-1)[mb["resp_pos"]].float()
+        return out if last or (last is None and layout.is_last_stage) else None

@@ -1,6 +1,8 @@
 """The MOPD training loop (MiMo-V2-Flash s4.4): one step = one rollout batch.
 
-    rollout -> reward (GRPO A_ORM) -> teacher scores -> student update -> weight sync -> log/save
+    rollout -> teacher scores | rewards (GRPO A_ORM) -> student update -> weight sync -> log/save
+
+(the verifiers score on rank 0 while the teachers score: the loss needs both, nothing before it)
 
 The Trainer's constructor is an ordered list of builds (trainer/builders.py); ``train_step``
 names the phases (each timed as time/<phase>, measured as mem/<phase>_max_gib and watched by
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -24,14 +27,26 @@ from .rewards import grpo_advantages
 from .rollout.engine import SamplingParams
 from .runtime import broadcast_object
 from .trainer import builders
-from .trainer.batch import RolloutBatch, pack_microbatches
+from .trainer.batch import RolloutBatch
+from .trainer.microbatches import (Batching, fill_from_slots, padded_fraction, per_domain_sums,
+                                   rank_microbatches, rollout_logp_slots, slot_values)
 from .trainer.evaluate import greedy_accuracy, load_eval_rows
 from .trainer.memory import PhaseMemory, memory_report
 from .trainer.objective import make_mopd_loss_fn, reduce_microbatch_metrics
 from .trainer.preemption import Preempted, StopSignals
 from .trainer.watchdog import PhaseWatchdog
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "Prepared"]
+
+
+@dataclass
+class Prepared:
+    """This rank's share of one rollout batch, ready for the loss."""
+
+    steps: list[list[dict]]          # micro-batches of each optimizer step
+    slots: object                    # trainer.microbatches.ResponseSlots of the rank's sequences
+    kl: dict[str, torch.Tensor]      # {domain: [sum(log mu - log pi_dom), tokens]} (last stage)
+    padded: torch.Tensor             # [padding tokens, all tokens] of the micro-batches
 
 
 class Trainer:
@@ -105,6 +120,9 @@ class Trainer:
         self._memory_reported = False  # the plan beside the measurement: once, first step
         self.loss_fn = make_mopd_loss_fn(cfg.loss, cfg.loss.alpha, cfg.rollout.temperature,
                                          self.layout.tp_group_or_none)
+        from .models.builder import packed_attention_format
+        self.batching = Batching.from_config(cfg.parallel, cfg.model.fp8.enabled)
+        self.packed_format = packed_attention_format()
         self.sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                        top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
                                        stop_token_ids=(self.inputs.eos_id,))
@@ -129,21 +147,22 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         t0 = time.perf_counter()
         with self.phase("rollout", step):
-            batch = self.rollout()                        # y ~ mu and log mu, n per prompt
-        with self.phase("reward", step):
-            batch = self.reward(batch)                    # r -> GRPO A_ORM (rank 0), broadcast
+            batch = broadcast_object(self.rollout())      # y ~ mu and log mu, n per prompt
+            pending = self.start_rewards(batch)           # verifiers start (rank 0), in threads
         with self.phase("release", step):                 # (after the broadcast: every engine idle)
             self.release_engines()                        # colocated: free weights + KV cache
         with self.phase("teacher", step):
-            mbs, kl = self.teacher_scores(batch)          # log pi_dom of each domain's sequences
+            prep = self.teacher_scores(batch)             # log pi_dom of each domain's sequences
+        with self.phase("reward", step):
+            self.finish_rewards(batch, pending, prep)     # r -> GRPO A_ORM (rank 0), broadcast
         with self.phase("student", step):
-            results = self.student_update(mbs)            # fused MOPD loss, optimizer step(s)
+            results = self.student_update(prep.steps)     # fused MOPD loss, optimizer step(s)
         with self.phase("resume", step):
             self.resume_engines()                         # colocated: re-occupy before sync
         with self.phase("sync", step):
             synced = self.sync_weights(step)              # new weights -> rollout engines
         held_out = self.periodic_eval(step)               # train.eval_interval
-        metrics = self.metrics(batch, results, kl, time.perf_counter() - t0) | synced | held_out
+        metrics = self.metrics(batch, results, prep, time.perf_counter() - t0) | synced | held_out
         self.report_memory(step, metrics)
         self.losses.append(metrics["loss"])
         self.logger.log(step, metrics)
@@ -174,43 +193,63 @@ class Trainer:
             return RolloutBatch(rows, samples, n) if dist.get_rank() == 0 else None
         return None
 
-    def reward(self, batch: RolloutBatch | None) -> RolloutBatch:
-        if dist.get_rank() == 0:
-            tok = self.inputs.tokenizer
-            batch.texts = [tok.decode(s.token_ids, skip_special_tokens=True) for s in batch.samples]
-            results = self.inputs.rewards.score_batch(
-                [(batch.domain(i), t, batch.rows[s.prompt_index].fields)
-                 for i, (s, t) in enumerate(zip(batch.samples, batch.texts))])
-            batch.rewards = [r.reward for r in results]
-            batch.advantages = grpo_advantages(
-                torch.tensor(batch.rewards), batch.n,
-                scale_by_std=self.cfg.reward.grpo_std_normalize).tolist()
-        return broadcast_object(batch)
+    def start_rewards(self, batch: RolloutBatch) -> object | None:
+        """Rank 0 queues the batch on the verifiers' pool (reward.workers) and returns at once."""
+        if dist.get_rank() != 0:
+            return None
+        tok = self.inputs.tokenizer
+        batch.texts = [tok.decode(s.token_ids, skip_special_tokens=True) for s in batch.samples]
+        return self.inputs.rewards.start_batch(
+            [(batch.domain(i), t, batch.rows[s.prompt_index].fields)
+             for i, (s, t) in enumerate(zip(batch.samples, batch.texts))])
 
-    def teacher_scores(self, batch: RolloutBatch):
+    def finish_rewards(self, batch: RolloutBatch, pending, prep: "Prepared | None" = None) -> None:
+        """Rank 0 waits for the rewards and turns them into GRPO advantages; every rank gets
+        both and, with ``prep``, the advantages land in its micro-batches."""
+        if pending is not None:
+            rewards = [r.reward for r in pending.result()]
+            adv = grpo_advantages(torch.tensor(rewards), batch.n,
+                                  scale_by_std=self.cfg.reward.grpo_std_normalize).tolist()
+            self.timer.record("reward_scoring", pending.seconds)  # verifier wall time
+            sent = (rewards, adv)
+        else:
+            sent = None
+        batch.rewards, batch.advantages = broadcast_object(sent)
+        if prep is not None:
+            fill_from_slots([mb for s in prep.steps for mb in s], "orm_adv",
+                            slot_values(prep.slots, batch.advantages).to(self.device))
+
+    def reward(self, batch: RolloutBatch | None) -> RolloutBatch:
+        """Rewards and advantages of a whole batch, synchronously (replay, tests)."""
+        batch = broadcast_object(batch)
+        self.finish_rewards(batch, self.start_rewards(batch))
+        return batch
+
+    def teacher_scores(self, batch: RolloutBatch) -> "Prepared":
         """This DP rank's micro-batches for every optimizer step of the rollout batch, with
-        ``teacher_logp`` filled on the last pipeline stage."""
+        ``teacher_logp`` filled on the last pipeline stage (trainer/microbatches.py)."""
         cfg, lay = self.cfg, self.layout
-        gbs, mbs = cfg.parallel.global_batch_size, cfg.parallel.micro_batch_size
-        per_rank = gbs // lay.dp
-        length = max(len(s.prompt_token_ids) + len(s.token_ids) for s in batch.samples) \
-            if cfg.parallel.pp > 1 else None  # PP exchanges one activation shape
-        steps = []
-        for j in range(cfg.optimizer.steps_per_rollout):
-            lo = j * gbs + lay.dp_rank * per_rank
-            steps.append(pack_microbatches(batch, list(range(lo, lo + per_rank)), mbs,
-                                           self.inputs.pad_id, length, self.device))
-        flat = [mb for s in steps for mb in s]
+        steps, mine, slots = rank_microbatches(
+            batch, self.batching, global_batch_size=cfg.parallel.global_batch_size,
+            optimizer_steps=cfg.optimizer.steps_per_rollout, dp=lay.dp, dp_rank=lay.dp_rank,
+            pad_id=self.inputs.pad_id, fixed_length=cfg.parallel.pp > 1, device=self.device)
         # log pi_dom at the rollout temperature, the one log pi_theta and log mu are taken at:
         # a teacher equal to the student then gives A = 0 at any temperature.
-        kl = self.teachers.score(flat, batch.domains, self.inputs.hf.vocab_size, mbs, length is not None,
-                                 temperature=cfg.rollout.temperature, layout=lay)
-        return steps, kl
+        logp = self.teachers.score(batch, mine, slots, self.batching, pad_id=self.inputs.pad_id,
+                                   vocab_size=self.inputs.hf.vocab_size,
+                                   temperature=cfg.rollout.temperature, layout=lay,
+                                   packed_format=self.packed_format)
+        kl = {}
+        if logp is not None:  # the last pipeline stage
+            fill_from_slots([mb for s in steps for mb in s], "teacher_logp", logp)
+            kl = per_domain_sums(batch, slots, rollout_logp_slots(batch, slots).to(logp.device) - logp)
+        return Prepared(steps, slots, kl, padded_fraction([mb for s in steps for mb in s]))
 
     def student_update(self, steps: list[list[dict]]) -> list:
         from .mcore.step import train_step
         return [train_step(self.chunks, self.optimizer, self.scheduler, mbs, self.loss_fn,
-                           vocab_size=self.inputs.hf.vocab_size, tp_rank=self.layout.tp_rank)
+                           vocab_size=self.inputs.hf.vocab_size, tp_rank=self.layout.tp_rank,
+                           packed_format=self.packed_format)
                 for _ in range(self.cfg.optimizer.epochs_per_rollout) for mbs in steps]
 
     def release_engines(self) -> None:
@@ -242,10 +281,10 @@ class Trainer:
                             self.cfg.rollout, step, probe if check else None)
 
     # --- metrics, checkpoints, eval ------------------------------------------------------
-    def metrics(self, batch: RolloutBatch, results, kl, seconds: float) -> dict:
-        names = [f"kl/{t.name}" for t in self.teachers.teachers]
-        per_teacher = {}
-        for dom, v in kl.items():
+    def metrics(self, batch: RolloutBatch, results, prep: "Prepared", seconds: float) -> dict:
+        names = [f"kl/{t.name}" for t in self.teachers.teachers] + ["batch/padded_frac"]
+        per_teacher = {"batch/padded_frac": prep.padded}
+        for dom, v in prep.kl.items():
             key = f"kl/{self.teachers.by_domain[dom].name}"
             per_teacher[key] = per_teacher.get(key, torch.zeros(2, dtype=torch.float64)) + v
         contributes = self.layout.is_last_stage and self.layout.tp_rank == 0

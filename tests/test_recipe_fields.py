@@ -132,6 +132,7 @@ PERTURB: dict[str, P] = {
         ("reward.verifiers.caesar.params={{answer_key: answer, extract: '^(.)'}}",),
         ("inputs", "reward")),
     "reward.grpo_std_normalize": P(("reward.grpo_std_normalize=false",), ("reward",)),
+    "reward.workers": P(("reward.workers=2",), ("inputs",)),
     # --- rollout -------------------------------------------------------------------------------
     "rollout.engine": P(("rollout.engine=local",), ("engine",), also=("train.async_rollout=false",)),
     "rollout.mode": P(("rollout.mode=colocated",), ("engine", "plan"),
@@ -193,6 +194,10 @@ PERTURB: dict[str, P] = {
     "parallel.micro_batch_size": P(("parallel.micro_batch_size=32",), ("step", "plan")),
     "parallel.global_batch_size": P(("parallel.global_batch_size=64",), ("step", "plan"),
                                     also=("optimizer.steps_per_rollout=2",)),
+    "parallel.max_tokens_per_microbatch": P(("parallel.max_tokens_per_microbatch=256",),
+                                            ("step", "plan")),
+    "parallel.pack_sequences": P(("parallel.pack_sequences=true",), ("step",),
+                                 ctx=("parallel.max_tokens_per_microbatch=256",)),
     "parallel.sequence_parallel": P(("parallel.sequence_parallel=false",), ("megatron", "plan"), "70b"),
     "parallel.recompute": P(("parallel.recompute=full",), ("megatron", "plan"), "70b"),
     "parallel.overlap_p2p_comm": P(("parallel.overlap_p2p_comm=false",), ("megatron",), "70b"),
@@ -548,7 +553,10 @@ def fake_backend(workdir: Path):
         return iter(())
 
     def forward_backward(model_chunks, microbatches, loss_fn, *, vocab_size, tp_rank,
-                         forward_only=False):
+                         forward_only=False, packed_format="mask"):
+        be.record("schedule", {"microbatches": [tuple(mb["tokens"].shape) for mb in microbatches],
+                               "packed": [mb.get("cu_seqlens") is not None for mb in microbatches],
+                               "format": packed_format, "forward_only": forward_only})
         out = []
         for mb in microbatches:
             logits = _model(model_chunks[0]).logits(mb["tokens"])
@@ -705,7 +713,7 @@ def _loss_inputs(demo: Path):
     import torch
 
     from mopd_megatron.models.builder import mask_padded_vocab_
-    from mopd_megatron.trainer.batch import pack_microbatches
+    from mopd_megatron.trainer.microbatches import pack_microbatches
     batch = _fixed_batch(demo, 2, 2, seed=3)
     (mb,) = pack_microbatches(batch, list(range(len(batch))), len(batch), pad_id=0)
     b, s = mb["tokens"].shape
@@ -854,7 +862,7 @@ def probe_inputs(run: Run, cfg):
             "rows": {d: [(r.prompt_ids, r.fields) for r in rows]
                      for d, rows in inp.dataset.rows_by_domain.items()},
             "bad": inp.dataset.bad_counts(), "verifiers": verifiers,
-            "eos_pad": (inp.eos_id, inp.pad_id)}
+            "eos_pad": (inp.eos_id, inp.pad_id), "reward_workers": inp.rewards.max_workers}
 
 
 def probe_logger(run: Run, cfg):
@@ -903,11 +911,12 @@ def probe_loss(run: Run, cfg):
 def probe_step(run: Run, cfg):
     t, _ = _with_engine(run, cfg)
     batch = _fixed_batch(run.demo, 32, 4, seed=7)   # 256 sequences
-    steps, kl = t.teacher_scores(batch)
+    prep = t.teacher_scores(batch)
     packed = [[(mb["index"], tuple(mb["tokens"].shape), round(float(mb["teacher_logp"].sum()), 4))
-               for mb in s] for s in steps]
-    results = t.student_update(steps)
-    metrics = t.metrics(batch, results, kl, 1.0)
+               for mb in s] for s in prep.steps]
+    results = t.student_update(prep.steps)
+    metrics = t.metrics(batch, results, prep, 1.0)
+    kl = prep.kl
     metrics = {k: round(v, 6) for k, v in metrics.items()
                if not k.startswith(("time/", "mem/")) and k != "tokens_per_s"}
     return {"packed": packed, "kl": plain(kl), "updates": len(results), "metrics": metrics}

@@ -63,7 +63,9 @@ def teacher_equals_student(rank, world, tp, temps, stale_teacher_temperature=Non
     from mopd_megatron.mcore.optimizer import wrap_ddp
     from mopd_megatron.mcore.schedule import forward_backward
     from mopd_megatron.teachers import Teacher, TeacherPool
-    from mopd_megatron.trainer.batch import pack_microbatches
+    from mopd_megatron.trainer.microbatches import (Batching, ResponseSlots, build_microbatches,
+                                                    fill_from_slots, per_domain_sums,
+                                                    rollout_logp_slots)
     from mopd_megatron.trainer.objective import make_mopd_loss_fn
     layout, _, chunks = build(tiny_config("Qwen2ForCausalLM"), tp=tp)
     ddp = wrap_ddp(chunks, OptimizerConfig(distributed_optimizer=False))
@@ -75,9 +77,14 @@ def teacher_equals_student(rank, world, tp, temps, stale_teacher_temperature=Non
     for T in temps:
         batch = one_domain_batch()
         set_on_policy_logmu(chunks, batch, T)
-        mbs = pack_microbatches(batch, list(range(len(batch))), MBS, pad_id=0)
+        idx = list(range(len(batch)))
+        slots = ResponseSlots(batch, idx)
+        mbs = build_microbatches(batch, Batching(MBS).groups({}, idx), 0, slots=slots)
         t_teacher = T if stale_teacher_temperature is None else stale_teacher_temperature
-        kl = pool.score(mbs, batch.domains, VOCAB, MBS, False, temperature=t_teacher, layout=layout)
+        logp = pool.score(batch, idx, slots, Batching(MBS), pad_id=0, vocab_size=VOCAB,
+                          temperature=t_teacher, layout=layout)
+        fill_from_slots(mbs, "teacher_logp", logp)
+        kl = per_domain_sums(batch, slots, rollout_logp_slots(batch, slots) - logp)
         for c in ddp:
             c.zero_grad_buffer()
         loss_fn = make_mopd_loss_fn(loss_cfg, loss_cfg.alpha, T, layout.tp_group_or_none)

@@ -48,8 +48,17 @@ def replay(rank, world, tiny, run, rec_path, layout):
     from mopd_megatron.rollout.replay import ReplayEngine
     extra = [f"parallel.{k}={v}" for k, v in layout.items()] + ["rollout.engine=sglang"]
     trainer = Trainer(load_recipe(RECIPE, _overrides(tiny, run, extra)), engine=ReplayEngine(rec_path))
+    seen = []  # per step: (sequences, micro-batches, padding fraction) of this rank
+    score = trainer.teacher_scores
+
+    def counting(batch):
+        prep = score(batch)
+        seen.append((len(prep.slots.offset), sum(map(len, prep.steps)),
+                     float(prep.padded[0] / prep.padded[1])))
+        return prep
+    trainer.teacher_scores = counting
     try:
-        return trainer.train()["losses"]
+        return trainer.train()["losses"], seen
     finally:
         trainer.close()
 
@@ -69,12 +78,29 @@ def test_golden_losses(recorded):
     assert losses == pytest.approx(golden, rel=GOLDEN_RTOL, abs=1e-7)
 
 
-@pytest.mark.parametrize("layout, world", [({"tp": 1}, 1), ({"tp": 2}, 2), ({"pp": 2}, 2),
-                                           ({"tp": 1, "micro_batch_size": 4}, 2)],
-                         ids=["replay_tp1", "tp2", "pp2", "dp2"])
+BUDGET = {"max_tokens_per_microbatch": 40}  # tokens: the tiny rows are 8-20 tokens long
+PACKED = {**BUDGET, "pack_sequences": "true"}
+
+
+@pytest.mark.parametrize("layout, world", [
+    ({"tp": 1}, 1), ({"tp": 2}, 2), ({"pp": 2}, 2), ({"tp": 1, "micro_batch_size": 4}, 2),
+    # Token budgets and packing change only the grouping: same losses (parallel.* docs)
+    ({**PACKED}, 1), ({"tp": 2, **PACKED}, 2), ({"pp": 2, **BUDGET}, 2), ({"pp": 2, **PACKED}, 2),
+    ({**BUDGET}, 2), ({**PACKED}, 2)],
+    ids=["replay_tp1", "tp2", "pp2", "dp2", "packed_tp1", "packed_tp2", "budget_pp2",
+         "packed_pp2", "budget_dp2", "packed_dp2"])
 def test_layouts_match_recorded_run(recorded, tmp_path, layout, world):
     tiny, rec, reference = recorded
-    losses = run_ranks(replay, world, str(tiny), str(tmp_path / "run"), str(rec), layout)
+    out = run_ranks(replay, world, str(tiny), str(tmp_path / "run"), str(rec), layout)
+    losses = [o[0] for o in out]
+    if "max_tokens_per_microbatch" in layout:
+        seen = [o[1] for o in out]
+        # several micro-batches per step, each under the budget (checked by the grouping tests)
+        assert all(mbs > 1 for rank in seen for _, mbs, _ in rank)
+        if "pack_sequences" in layout:
+            assert all(frac < 0.1 for rank in seen for _, _, frac in rank)
+        # (ranks holding different numbers of sequences: tests/test_microbatches.py, whose
+        # batch is skewed enough; the tiny demo's rows are all 8-20 tokens)
     for rank_losses in losses:
         if layout == {"tp": 1} and world == 1:
             assert rank_losses == reference  # replay through the same layout is bit-exact

@@ -56,7 +56,7 @@ def check_against_reference(rank, world):
     from mopd_megatron.config import OptimizerConfig
     from mopd_megatron.mcore.optimizer import wrap_ddp
     from mopd_megatron.mcore.schedule import forward_backward
-    from mopd_megatron.trainer.batch import pack_microbatches
+    from mopd_megatron.trainer.microbatches import pack_microbatches
     from mopd_megatron.trainer.objective import make_mopd_loss_fn
     _, hf, chunks = build(tiny_config("Qwen2ForCausalLM"))
     batch = synthetic_batch()

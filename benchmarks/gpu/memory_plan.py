@@ -24,7 +24,7 @@ RESERVE_GIB = 4.0                     # mopd plan's default --reserve-gb
 
 
 def _microbatches(torch, n, b, s, prompt, vocab, device):
-    """Packed like trainer/batch.py::pack_microbatches: the response predicted from position
+    """Packed like trainer/microbatches.py::pack_microbatches: the response predicted from position
     prompt-1 on, one sequence id per row, ``index`` naming the rollout-batch rows."""
     g = torch.Generator(device=device).manual_seed(0)
     out = []

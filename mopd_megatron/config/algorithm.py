@@ -77,6 +77,13 @@ class RewardConfig:
 
     verifiers: dict[str, VerifierSpec] = doc(help="Verifier per data domain.")
     grpo_std_normalize: bool = doc(True, "Divide the group advantage by the group's reward std.")
+    workers: int = doc(
+        4, "Verifier threads on global rank 0 (and math-verify processes per math verifier). "
+           "They score a rollout batch while the teachers score it; the rewards are needed "
+           "only at the student's loss.")
+
+    def __post_init__(self):
+        check(self.workers >= 1, self, "workers", "must be >= 1")
 
 
 @dataclass

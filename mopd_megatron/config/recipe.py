@@ -133,7 +133,12 @@ class MOPDConfig:
             raise ConfigError("parallel.tp", par.tp, f"tp x pp = {par.tp} x {par.pp} must divide "
                               f"the world size {world_size}")
         dp = par.data_parallel_size(world_size)
-        if par.global_batch_size % (par.micro_batch_size * dp) != 0:
+        if par.max_tokens_per_microbatch is not None:  # ranks are dealt sequences by tokens
+            if par.global_batch_size < dp:
+                raise ConfigError("parallel.global_batch_size", par.global_batch_size,
+                                  f"must be >= the data-parallel size {dp} (world size "
+                                  f"{world_size}): every rank needs a sequence")
+        elif par.global_batch_size % (par.micro_batch_size * dp) != 0:
             raise ConfigError("parallel.global_batch_size", par.global_batch_size,
                               f"must be divisible by micro_batch_size x data-parallel size = "
                               f"{par.micro_batch_size} x {dp} (world size {world_size})")

@@ -156,6 +156,20 @@ class ParallelConfig:
     vpp: int | None = doc(None, "Virtual pipeline stages per rank (interleaved schedule); null = off.")
     micro_batch_size: int = doc(1, "Sequences per micro-batch.")
     global_batch_size: int = doc(64, "Sequences per optimizer step, over all data-parallel ranks.")
+    max_tokens_per_microbatch: int | None = doc(
+        None, "Token budget of one micro-batch (student update and teacher scoring); null = "
+              "fixed micro-batches of micro_batch_size sequences. Set: each optimizer step's "
+              "sequences are dealt to data-parallel ranks by tokens (ranks may hold different "
+              "numbers of sequences) and grouped first-fit-decreasing into micro-batches of at "
+              "most this many tokens (padded rows x longest row, or the packed row's length); "
+              "micro_batch_size is then unused. A longer sequence gets a micro-batch of its own. "
+              "The loss stays the mean over the global batch's sequences (slime: "
+              "--use-dynamic-batch-size --max-tokens-per-gpu).")
+    pack_sequences: bool = doc(
+        False, "Pack each token-budget micro-batch into one row: position ids restart per "
+               "sequence, attention stays inside each sequence (Transformer Engine THD format "
+               "on GPU, a block-diagonal causal mask on the local layer spec). Needs "
+               "max_tokens_per_microbatch.")
     sequence_parallel: bool = doc(False, "Megatron sequence parallelism "
                                          "(TransformerConfig.sequence_parallel): activations "
                                          "outside attention/MLP split over TP ranks. Needs tp > 1 "
@@ -186,6 +200,11 @@ class ParallelConfig:
         check(self.global_batch_size % self.micro_batch_size == 0, self, "global_batch_size",
               f"must be divisible by parallel.micro_batch_size={self.micro_batch_size}")
         check(not self.sequence_parallel or self.tp > 1, self, "sequence_parallel", "needs parallel.tp > 1")
+        check(self.max_tokens_per_microbatch is None or self.max_tokens_per_microbatch >= 1,
+              self, "max_tokens_per_microbatch", "must be >= 1 or null")
+        check(not self.pack_sequences or self.max_tokens_per_microbatch is not None, self,
+              "pack_sequences", "needs parallel.max_tokens_per_microbatch (the packed row's "
+                                "token budget)")
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tp * self.pp)

@@ -14,12 +14,12 @@ class StepResult:
 
 
 def train_step(ddp_chunks: list, optimizer, scheduler, microbatches: list[dict], loss_fn: LossFn,
-               *, vocab_size: int, tp_rank: int) -> StepResult:
+               *, vocab_size: int, tp_rank: int, packed_format: str = "mask") -> StepResult:
     for chunk in ddp_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     metrics = forward_backward(ddp_chunks, microbatches, loss_fn, vocab_size=vocab_size,
-                               tp_rank=tp_rank)
+                               tp_rank=tp_rank, packed_format=packed_format)
     ok, grad_norm, _ = optimizer.step()
     if ok and scheduler is not None:
         scheduler.step(increment=1)

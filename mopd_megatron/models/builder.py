@@ -60,6 +60,14 @@ def fp8_transformer_kwargs(fp8) -> dict[str, Any]:
                 num_layers_at_end_in_bf16=fp8.num_layers_at_end_in_bf16)
 
 
+def packed_attention_format(use_te: bool | None = None) -> str:
+    """How packed rows keep attention inside each sequence (mcore/schedule.py): Transformer
+    Engine's THD kernels, or an explicit mask on the local spec (which the CUDA fused softmax
+    would ignore for a causal model: trainer/model_checks.py refuses that combination)."""
+    use_te = have_transformer_engine() if use_te is None else use_te
+    return "thd" if use_te else "mask"
+
+
 def transformer_config(hf: HFModelConfig, parallel, *, dtype: str, fp8=None,
                        frozen: bool = False, **overrides):
     """Megatron TransformerConfig for ``hf`` in the layout of ``parallel`` (a ParallelConfig
@@ -91,6 +99,14 @@ def transformer_config(hf: HFModelConfig, parallel, *, dtype: str, fp8=None,
         overlap_p2p_comm=parallel.overlap_p2p_comm and parallel.vpp is not None,
         batch_p2p_comm=not parallel.overlap_p2p_comm,
         calculate_per_token_loss=True,  # the loss normalises by global counts (see mcore/schedule.py)
+        # Pipeline stages exchange each micro-batch's shape first: teachers score short last
+        # groups, token budgets and packing give every micro-batch its own shape. One small
+        # send per exchange; without PP there is nothing to exchange.
+        variable_seq_lengths=parallel.pp > 1,
+        # megatron-core refuses variable_seq_lengths with its default "allgather" MoE
+        # dispatcher even for dense models (which have no dispatcher); the models built here are
+        # dense, so the dispatcher named only satisfies that check.
+        **({"moe_token_dispatcher_type": "alltoall"} if parallel.pp > 1 else {}),
         recompute_granularity=recompute,
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,

@@ -15,7 +15,7 @@ __all__ = ["MEGATRON_FIELDS", "student_transformer_config", "describe_build"]
 MEGATRON_FIELDS = (
     "tensor_model_parallel_size", "pipeline_model_parallel_size",
     "virtual_pipeline_model_parallel_size", "sequence_parallel", "overlap_p2p_comm",
-    "batch_p2p_comm", "recompute_granularity", "recompute_method", "recompute_num_layers",
+    "batch_p2p_comm", "variable_seq_lengths", "recompute_granularity", "recompute_method", "recompute_num_layers",
     "params_dtype", "fp8", "fp8_recipe", "fp8_param", "first_last_layers_bf16",
     "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16")
 

@@ -42,6 +42,7 @@ def inputs_from_config(cfg: MOPDConfig, nodes: int, gpus_per_node: int, gpu_mem_
         student=student, teachers=teachers, train_gpus=train_nodes * gpus_per_node,
         tp=par.tp, pp=par.pp, vpp=par.vpp, micro_batch_size=par.micro_batch_size,
         global_batch_size=par.global_batch_size,
+        max_tokens_per_microbatch=par.max_tokens_per_microbatch,
         seq_len=cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
         sequence_parallel=par.sequence_parallel, recompute=par.recompute, dtype=cfg.model.dtype,
         fp8=cfg.model.fp8.enabled, distributed_optimizer=cfg.optimizer.distributed_optimizer,
@@ -66,8 +67,10 @@ def format_plan(plan: Plan, title: str = "") -> str:
                    f"{t.params}, {'offloaded' if t.offload else 'resident'}")
     out.append(f"  layout    {x.train_gpus} training GPUs: TP={x.tp} PP={x.pp} DP={x.dp}"
                f"{f' VPP={x.vpp}' if x.vpp else ''}{' SP' if x.sequence_parallel else ''}; "
-               f"micro-batch {x.micro_batch_size} x {x.seq_len} tokens, {x.micro_batches} "
-               f"micro-batches per step; recompute={x.recompute}")
+               + (f"micro-batches of <= {x.tokens} tokens (token budget), up to "
+                  if x.max_tokens_per_microbatch is not None else
+                  f"micro-batch {x.micro_batch_size} x {x.seq_len} tokens, ")
+               + f"{x.micro_batches} micro-batches per step; recompute={x.recompute}")
     out.append(f"  card      {x.gpu_mem_gib:.1f} GiB; heaviest pipeline stage {plan.stage + 1} of "
                f"{x.pp}; peak in phase '{plan.peak_phase}' (phases run one at a time; colocated "
                "engines release their memory while the student trains)")

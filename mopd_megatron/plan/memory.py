@@ -67,6 +67,7 @@ class PlanInputs:
     vpp: int | None = None
     micro_batch_size: int = 1
     global_batch_size: int = 1
+    max_tokens_per_microbatch: int | None = None   # parallel.max_tokens_per_microbatch
     seq_len: int = 2048
     sequence_parallel: bool = False
     recompute: str = "none"
@@ -87,10 +88,16 @@ class PlanInputs:
 
     @property
     def tokens(self) -> int:
+        """Tokens of the largest micro-batch: the budget, or one longest sequence when that is
+        longer (it gets a micro-batch of its own)."""
+        if self.max_tokens_per_microbatch is not None:
+            return max(self.max_tokens_per_microbatch, self.seq_len)
         return self.micro_batch_size * self.seq_len
 
     @property
     def micro_batches(self) -> int:
+        if self.max_tokens_per_microbatch is not None:  # worst case: every sequence full length
+            return max(1, -(-self.global_batch_size * self.seq_len // (self.dp * self.tokens)))
         return max(1, self.global_batch_size // (self.micro_batch_size * self.dp))
 
 

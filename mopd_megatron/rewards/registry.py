@@ -84,14 +84,18 @@ class RewardRegistry:
     def score_batch(self, items: Sequence[tuple[str, str, dict]]) -> list[RewardResult]:
         """Score (domain, response_text, row) items concurrently on at most max_workers
         threads; results come back in input order. The first exception is re-raised."""
+        return self.start_batch(items).result()
+
+    def start_batch(self, items: Sequence[tuple[str, str, dict]]) -> "PendingRewards":
+        """``score_batch`` without waiting: the items are queued on the pool now (the trainer
+        scores teachers meanwhile); ``.result()`` waits for them."""
         for domain, _, _ in items:  # fail before starting any work
             if domain not in self.verifiers:
                 raise KeyError(f"no reward verifier for domain '{domain}'; "
                                f"known domains: {self.domains}")
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.max_workers, thread_name_prefix="reward")
-        futures = [self._pool.submit(self.score, *item) for item in items]
-        return [f.result() for f in futures]
+        return PendingRewards([self._pool.submit(self.score, *item) for item in items])
 
     def close(self) -> None:
         """Stop the thread pool and any verifier processes. Idempotent."""
@@ -106,6 +110,24 @@ class RewardRegistry:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class PendingRewards:
+    """A batch being scored: ``result()`` -> results in input order (the first error raised);
+    ``seconds`` -> wall time from the start to the last result (set by ``result``)."""
+
+    def __init__(self, futures: list):
+        import time
+        self._futures, self._t0, self.seconds = futures, time.perf_counter(), None
+        self._done_at = [None] * len(futures)
+        for j, f in enumerate(futures):
+            f.add_done_callback(lambda _f, j=j: self._done_at.__setitem__(j, time.perf_counter()))
+
+    def result(self) -> list[RewardResult]:
+        out = [f.result() for f in self._futures]
+        ends = [t for t in self._done_at if t is not None]
+        self.seconds = (max(ends) - self._t0) if ends else 0.0
+        return out
 
 
 def build_reward_registry(domains: dict[str, dict], max_workers: int = 4) -> RewardRegistry:

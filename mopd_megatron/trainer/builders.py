@@ -90,6 +90,7 @@ def preflight(cfg: MOPDConfig, world_size: int, *, collect: bool = False,
     if own_engine:  # a caller-supplied engine (tests, replay) launches nothing
         run(_check_engine, cfg)
     run(_check_fp8, cfg)
+    run(_check_packing, cfg)
     run(_check_export, cfg)
     for e in output_problems(cfg) + model_problems(cfg):
         run(_raise, e)
@@ -167,6 +168,16 @@ def _check_fp8(cfg: MOPDConfig) -> None:
             raise ConfigError("model.fp8.enabled", True, f"FP8 cannot run here: {reason}")
 
 
+def _check_packing(cfg: MOPDConfig) -> None:
+    """Packed rows on a GPU need Transformer Engine's THD attention: the local spec's fused
+    causal softmax would ignore the block-diagonal mask and let sequences see each other."""
+    from ..models.builder import packed_attention_format
+    if cfg.parallel.pack_sequences and torch.cuda.is_available() \
+            and packed_attention_format() != "thd":
+        raise ConfigError("parallel.pack_sequences", True, "packing on a GPU needs Transformer "
+                          "Engine (THD attention); it is not importable here")
+
+
 def _check_export(cfg: MOPDConfig) -> None:
     ck = cfg.checkpoint
     if ck.hf_export_dir is None:
@@ -184,7 +195,7 @@ def _verifiers(cfg: MOPDConfig):
     from ..runtime import launch_env
     specs = {d: {"type": v.type, **v.params} for d, v in cfg.reward.verifiers.items()}
     try:
-        registry = build_reward_registry(specs)
+        registry = build_reward_registry(specs, max_workers=cfg.reward.workers)
     except ValueError as e:
         raise ConfigError("reward.verifiers", specs, str(e)) from None
     except SandboxUnavailable as e:  # no isolation here: refused, naming the domain's sandbox
