@@ -141,7 +141,7 @@ def test_gpu_suite_lists_its_checks_without_side_effects(flag, tmp_path):
     before = _snapshot(GPU_SUITE_OUTPUTS)
     r = run_script(GPU_SUITE, [flag], tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    for name in ("loss_kernel", "te_parity", "memory_plan", "fp8_step", "sglang_cuda"):
+    for name in ("loss_kernel", "te_parity", "packed_thd", "memory_plan", "fp8_step", "sglang_cuda"):
         assert name in r.stdout, r.stdout
     assert _snapshot(GPU_SUITE_OUTPUTS) == before, f"gpu_suite.sh {flag} changed the results"
     only = run_script(GPU_SUITE, [flag, "--only", "fp8_step,loss_kernel"], tmp_path)
