@@ -47,6 +47,17 @@ class Prepared:
     slots: object                    # trainer.microbatches.ResponseSlots of the rank's sequences
     kl: dict[str, torch.Tensor]      # {domain: [sum(log mu - log pi_dom), tokens]} (last stage)
     padded: torch.Tensor             # [padding tokens, all tokens] of the micro-batches
+    batch: RolloutBatch | None = None
+    signal: object = None            # teachers.TeacherSignal (last stage)
+
+    def exact_kl(self) -> dict[str, torch.Tensor]:
+        """{domain: [sum of KL_t, tokens]} the loss measured (loss.signal != sampled)."""
+        sig = self.signal
+        if sig is None or sig.kl is None:
+            return {}
+        seen = ~torch.isnan(sig.kl)
+        return per_domain_sums(self.batch, self.slots, torch.where(seen, sig.kl, 0.0)) \
+            if bool(seen.all()) else {}
 
 
 class Trainer:
@@ -119,7 +130,8 @@ class Trainer:
         self.memory = PhaseMemory()
         self._memory_reported = False  # the plan beside the measurement: once, first step
         self.loss_fn = make_mopd_loss_fn(cfg.loss, cfg.loss.alpha, cfg.rollout.temperature,
-                                         self.layout.tp_group_or_none)
+                                         self.layout.tp_group_or_none,
+                                         vocab_size=self.inputs.hf.vocab_size)
         from .models.builder import packed_attention_format
         self.batching = Batching.from_config(cfg.parallel, cfg.model.fp8.enabled)
         self.packed_format = packed_attention_format()
@@ -235,15 +247,20 @@ class Trainer:
             pad_id=self.inputs.pad_id, fixed_length=cfg.parallel.pp > 1, device=self.device)
         # log pi_dom at the rollout temperature, the one log pi_theta and log mu are taken at:
         # a teacher equal to the student then gives A = 0 at any temperature.
-        logp = self.teachers.score(batch, mine, slots, self.batching, pad_id=self.inputs.pad_id,
-                                   vocab_size=self.inputs.hf.vocab_size,
-                                   temperature=cfg.rollout.temperature, layout=lay,
-                                   packed_format=self.packed_format)
+        sig = self.teachers.score(batch, mine, slots, self.batching, pad_id=self.inputs.pad_id,
+                                  vocab_size=self.inputs.hf.vocab_size,
+                                  temperature=cfg.rollout.temperature, layout=lay,
+                                  packed_format=self.packed_format, signal=cfg.loss.signal,
+                                  topk=cfg.loss.topk)
+        flat = [mb for s in steps for mb in s]
         kl = {}
-        if logp is not None:  # the last pipeline stage
-            fill_from_slots([mb for s in steps for mb in s], "teacher_logp", logp)
-            kl = per_domain_sums(batch, slots, rollout_logp_slots(batch, slots).to(logp.device) - logp)
-        return Prepared(steps, slots, kl, padded_fraction([mb for s in steps for mb in s]))
+        if sig is not None:  # the last pipeline stage
+            fill_from_slots(flat, "teacher_logp", sig.logp)
+            kl = per_domain_sums(batch, slots,
+                                 rollout_logp_slots(batch, slots).to(sig.logp.device) - sig.logp)
+            for mb in flat:
+                mb["signal"] = sig
+        return Prepared(steps, slots, kl, padded_fraction(flat), batch, sig)
 
     def student_update(self, steps: list[list[dict]]) -> list:
         from .mcore.step import train_step
@@ -282,11 +299,17 @@ class Trainer:
 
     # --- metrics, checkpoints, eval ------------------------------------------------------
     def metrics(self, batch: RolloutBatch, results, prep: "Prepared", seconds: float) -> dict:
-        names = [f"kl/{t.name}" for t in self.teachers.teachers] + ["batch/padded_frac"]
+        # kl/<teacher>: the exact KL the loss used when there is one, else the sampled
+        # estimate mean(log mu - log pi_dom); kl_sampled/<teacher> keeps the estimate then.
+        exact = self.cfg.loss.signal != "sampled"
+        sampled_key = "kl_sampled" if exact else "kl"
+        names = [f"{k}/{t.name}" for k in (("kl", "kl_sampled") if exact else ("kl",))
+                 for t in self.teachers.teachers] + ["batch/padded_frac"]
         per_teacher = {"batch/padded_frac": prep.padded}
-        for dom, v in prep.kl.items():
-            key = f"kl/{self.teachers.by_domain[dom].name}"
-            per_teacher[key] = per_teacher.get(key, torch.zeros(2, dtype=torch.float64)) + v
+        for prefix, sums in ((sampled_key, prep.kl), ("kl", prep.exact_kl() if exact else {})):
+            for dom, v in sums.items():
+                key = f"{prefix}/{self.teachers.by_domain[dom].name}"
+                per_teacher[key] = per_teacher.get(key, torch.zeros(2, dtype=torch.float64)) + v
         contributes = self.layout.is_last_stage and self.layout.tp_rank == 0
         m = reduce_microbatch_metrics([x for r in results for x in r.metrics], contributes,
                                       self.cfg.loss.log_entropy, per_teacher, names)

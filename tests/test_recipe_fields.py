@@ -172,6 +172,10 @@ PERTURB: dict[str, P] = {
     "loss.tis_cap": P(("loss.tis_cap=3.0",), ("loss",), ctx=("loss.is_variant=tis",)),
     "loss.aggregation": P(("loss.aggregation=token_mean",), ("loss",)),
     "loss.log_entropy": P(("loss.log_entropy=true",), ("loss", "step")),
+    # (full_vocab needs the teachers' LM-head input, which the fake models here do not have:
+    # its consumption is the trainer-level test tests/test_train_layouts.py::test_kl_signal_*)
+    "loss.signal": P(("loss.signal=topk",), ("step",)),
+    "loss.topk": P(("loss.topk=4",), ("step",), ctx=("loss.signal=topk",)),
     # --- optimizer -----------------------------------------------------------------------------
     "optimizer.lr": P(("optimizer.lr=1e-4",), ("student",)),
     "optimizer.min_lr": P(("optimizer.min_lr=1e-5",), ("student",)),

@@ -42,11 +42,11 @@ def record(rank, world, tiny, run, rec_path):
         trainer.close()
 
 
-def replay(rank, world, tiny, run, rec_path, layout):
+def replay(rank, world, tiny, run, rec_path, layout, more=()):
     from mopd_megatron.config import load_recipe
     from mopd_megatron.train import Trainer
     from mopd_megatron.rollout.replay import ReplayEngine
-    extra = [f"parallel.{k}={v}" for k, v in layout.items()] + ["rollout.engine=sglang"]
+    extra = [f"parallel.{k}={v}" for k, v in layout.items()] + ["rollout.engine=sglang", *more]
     trainer = Trainer(load_recipe(RECIPE, _overrides(tiny, run, extra)), engine=ReplayEngine(rec_path))
     seen = []  # per step: (sequences, micro-batches, padding fraction) of this rank
     score = trainer.teacher_scores
@@ -106,6 +106,26 @@ def test_layouts_match_recorded_run(recorded, tmp_path, layout, world):
             assert rank_losses == reference  # replay through the same layout is bit-exact
         else:
             assert rank_losses == pytest.approx(reference, abs=LAYOUT_ATOL)
+
+
+@pytest.mark.parametrize("signal", ["full_vocab", "topk"])
+def test_kl_signal_is_the_same_at_tp2_and_pp2(recorded, tmp_path, signal):
+    """loss.signal != sampled through the whole trainer: the teachers' hidden states (or top-k)
+    captured on the last stage, the KL objective at the loss; TP=2 and PP=2 equal TP=1."""
+    tiny, rec, sampled = recorded
+    more = [f"loss.signal={signal}", "loss.topk=16"]
+    runs = {}
+    for name, layout, world in (("tp1", {"tp": 1}, 1), ("tp2", {"tp": 2}, 2), ("pp2", {"pp": 2}, 2)):
+        out = run_ranks(replay, world, str(tiny), str(tmp_path / name), str(rec), layout, more)
+        runs[name] = [o[0] for o in out]
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for r in rows:  # the exact KL per teacher, and the one-sample estimate beside it
+            for t in ("caesar", "reversal"):
+                assert r[f"kl/{t}"] >= -1e-6 and f"kl_sampled/{t}" in r, r
+    assert runs["tp1"][0] != pytest.approx(sampled, abs=LAYOUT_ATOL)  # another objective
+    for name in ("tp2", "pp2"):
+        for losses in runs[name]:
+            assert losses == pytest.approx(runs["tp1"][0], abs=LAYOUT_ATOL), name
 
 
 if __name__ == "__main__" and "--update-golden" in sys.argv:

@@ -29,8 +29,10 @@ class DataConfig:
                                     "are bounded by rollout.max_new_tokens.")
     seed: int = doc(0, "Seed of the domain-weighted sampler (independent of train.seed).")
     eval_paths: list[str] = doc(
-        help="Held-out prompt files: greedy per-domain accuracy of the student (and of each "
-             "teacher on its domains) is reported before and after training. Empty: no eval.",
+        help="Held-out prompt files: greedy per-domain accuracy of the student before and after "
+             "training (on the rollout engine; in the trainer with rollout.engine=local), and of "
+             "each teacher on its domains before training (in the trainer: parallel.pp = 1 only; "
+             "otherwise reported as not measured). The dry-runs print the eval line. Empty: no eval.",
         factory=list)
     build_demo_inputs: bool = doc(
         False, "Build the embedded demo's tokenizer, prompts, teachers and student with "
@@ -111,9 +113,19 @@ class LossConfig:
         "seq_mean", "seq_mean: mean over sequences of (1/|y|) sum_t (MOPD paper); token_mean: "
                     "mean over all tokens of the batch.")
     log_entropy: bool = doc(False, "Report the student's token entropy (one extra pass over logits).")
+    signal: Literal["sampled", "full_vocab", "topk"] = doc(
+        "sampled", "The teacher signal. sampled: A_t = sg[log pi_dom(y_t) - log pi_theta(y_t)] + "
+                   "alpha A_ORM (MiMo eq. 7-9). full_vocab: at each response position the exact "
+                   "reverse KL(pi_theta || pi_dom) over the vocabulary, loss = mean over sequences "
+                   "of (1/|y|) sum_t w_t (KL_t - alpha A_ORM log pi_theta(y_t)); the teachers "
+                   "keep their final hidden states (O(tokens x hidden)) and their LM-head shard "
+                   "is applied at the loss, chunk by chunk. topk: the same KL over the teacher's "
+                   "top-k tokens plus one tail bucket (keeps O(tokens x k)).")
+    topk: int = doc(64, "k of signal=topk: teacher tokens kept per position.")
 
     def __post_init__(self):
         check(self.alpha >= 0, self, "alpha", "must be >= 0")
+        check(self.topk >= 1, self, "topk", "must be >= 1")
         check(self.eps_low >= 0, self, "eps_low", "must be >= 0")
         # Ratio 1 (exactly on-policy) must always be accepted, or fresh samples would be masked.
         check(self.eps_low <= 1.0, self, "eps_low", "must be <= 1 so ratio 1 is never masked")

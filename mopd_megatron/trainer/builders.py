@@ -110,6 +110,9 @@ def preflight(cfg: MOPDConfig, world_size: int, *, collect: bool = False,
                                 for i in range(len(cfg.teachers)))
     if hf is not None and tokenizer is not None and teachers_readable:
         run(check_teacher_vocab, cfg.teachers, hf.vocab_size, tokenizer.get_vocab())
+    if hf is not None and cfg.loss.signal == "topk" and cfg.loss.topk > hf.vocab_size:
+        run(_raise, ConfigError("loss.topk", cfg.loss.topk, f"more than the vocabulary "
+                                f"({hf.vocab_size} tokens of {cfg.model.hf_config})"))
     if tokenizer is not None:
         dataset = run(PromptDataset.from_config, cfg.data, tokenizer)
         eos = tokenizer.eos_token_id

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..ops import mopd_loss
+from ..ops import mopd_loss, reverse_kl, token_logprobs, topk_reverse_kl
+from ..ops.mopd_loss import importance_weights, loss_metrics, token_normaliser
 
 __all__ = ["make_mopd_loss_fn", "tempered_logits", "LOSS_KEYS", "reduce_microbatch_metrics"]
 
@@ -37,9 +38,15 @@ def tempered_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return flat / temperature if temperature != 1.0 else flat
 
 
-def make_mopd_loss_fn(loss_cfg, alpha: float, temperature: float, tp_group):
+def make_mopd_loss_fn(loss_cfg, alpha: float, temperature: float, tp_group,
+                      vocab_size: int | None = None):
     """``loss_fn(batch, logits[b, s, V/tp]) -> (loss_sum, count, metrics)``; log pi_theta is
-    taken at ``temperature``, the one mu sampled at (the teachers are scored at it too)."""
+    taken at ``temperature``, the one mu sampled at (the teachers are scored at it too).
+    ``loss_cfg.signal`` other than "sampled": the KL objective (``kl_objective``), which reads
+    the teachers' signal from ``batch["signal"]`` (teachers.TeacherSignal)."""
+    if loss_cfg.signal != "sampled":
+        return kl_objective(loss_cfg, alpha, temperature, tp_group, vocab_size)
+
     def loss_fn(batch, logits):
         flat = tempered_logits(logits, temperature)
         loss, m = mopd_loss(
@@ -53,6 +60,52 @@ def make_mopd_loss_fn(loss_cfg, alpha: float, temperature: float, tp_group):
         loss_sum = loss * units
         m = dict(m, loss_sum=loss_sum.detach(), units=units)
         return loss_sum, units.to(torch.int), m
+    return loss_fn
+
+
+def kl_objective(loss_cfg, alpha: float, temperature: float, tp_group, vocab_size: int | None):
+    """loss.signal = full_vocab | topk: per response token
+
+        l_t = w_t KL_t(pi_theta || pi_dom) - alpha w_t A_ORM log pi_theta(y_t)
+
+    aggregated like the sampled loss (seq_mean: mean over sequences of (1/|y|) sum_t). w_t is
+    the IcePop weight of the sampled token (detached), which keeps correcting the mismatch of
+    the sampled prefix; the KL's gradient is the exact one over the vocabulary (or the top-k
+    buckets), the ORM term's is REINFORCE's. Two passes over the logits (log pi_theta(y_t) and
+    the KL), each with its own gradient buffer."""
+    def loss_fn(batch, logits):
+        flat = tempered_logits(logits, temperature)             # [T, V/tp]
+        raw = logits.reshape(flat.shape)                         # the KL ops temper themselves
+        sig = batch["signal"]
+        mask = batch["loss_mask"].reshape(-1) > 0
+        targets = torch.where(mask, batch["targets"].reshape(-1), 0)
+        logp = token_logprobs(flat, targets, tp_group)           # [T], pass 1
+        pos2slot = torch.full_like(targets, -1)
+        pos2slot[batch["resp_pos"]] = batch["resp_slot"]
+        slot = pos2slot.clamp(min=0)
+        if sig.kind == "full_vocab":                              # pass 2
+            kl = reverse_kl(raw, sig.teacher_rows(pos2slot, raw.dtype), tp_group,
+                            temperature=temperature, vocab_size=vocab_size, mask=mask)
+        else:  # the teacher's top-k log-probs were taken at the same temperature
+            kl = topk_reverse_kl(raw, sig.topk_ids[slot], sig.topk_logp[slot], tp_group,
+                                 temperature=temperature, vocab_size=vocab_size, mask=mask)
+        with torch.no_grad():
+            w, rejected = importance_weights(logp, batch["rollout_logp"].reshape(-1), mask,
+                                             loss_cfg.is_variant, loss_cfg.eps_low,
+                                             loss_cfg.eps_high, loss_cfg.tis_cap)
+            norm, n_seqs, n_tokens = token_normaliser(mask, batch["seq_ids"].reshape(-1),
+                                                      loss_cfg.aggregation)
+            coef = torch.where(mask, w * norm, 0.0)
+            orm = alpha * batch["orm_adv"].reshape(-1).float()
+            first = mask & torch.isnan(sig.kl[slot])              # kl/<teacher>: first pass
+            sig.kl[slot[first]] = kl.detach()[first]
+        loss = (coef * kl).sum() - (coef * orm * logp).sum()
+        # teacher_term = -KL: adv/teacher_term_* and kl/all describe the exact KL here
+        m = loss_metrics(logp.detach(), None, w, rejected, -kl.detach(),
+                         batch["rollout_logp"].reshape(-1), mask, n_seqs, n_tokens)
+        units = m["sequences"] if loss_cfg.aggregation == "seq_mean" else m["response_tokens"]
+        m = dict(m, loss_sum=(loss * units).detach(), units=units)
+        return loss * units, units.to(torch.int), m
     return loss_fn
 
 
