@@ -82,7 +82,7 @@ def teacher_equals_student(rank, world, tp, temps, stale_teacher_temperature=Non
         mbs = build_microbatches(batch, Batching(MBS).groups({}, idx), 0, slots=slots)
         t_teacher = T if stale_teacher_temperature is None else stale_teacher_temperature
         logp = pool.score(batch, idx, slots, Batching(MBS), pad_id=0, vocab_size=VOCAB,
-                          temperature=t_teacher, layout=layout)
+                          temperature=t_teacher, layout=layout).logp
         fill_from_slots(mbs, "teacher_logp", logp)
         kl = per_domain_sums(batch, slots, rollout_logp_slots(batch, slots) - logp)
         for c in ddp:
