@@ -341,7 +341,7 @@ class Trainer:
         every = self.cfg.train.eval_interval
         if not every or step % every:
             return {}
-        with self.phase("eval", step):
+        with self.phase("eval", step):  # after this step's sync: the engine holds its weights
             acc = self.evaluate(teachers=False).get("student", {})
         return {f"eval/{d}": v for d, v in acc.items()}
 
@@ -405,13 +405,33 @@ class Trainer:
             export_committed(self.cfg)
 
     def evaluate(self, teachers: bool) -> dict:
-        """Greedy accuracy per domain on data.eval_paths (student; teachers on their domains)."""
-        if not self.eval_rows or self.cfg.parallel.pp > 1:
+        """Greedy accuracy per domain on data.eval_paths, {who: {domain: acc}} on rank 0: the
+        student, and (``teachers``) each teacher on its domains. trainer/eval_plan.py, which the
+        dry-runs print, decides where the answers come from.
+
+        On the rollout engine the student evaluated is the weights the engine holds: before
+        training the ones it was launched with, which step 1 samples from too; in periodic_eval
+        those train_step's sync just pushed; at the final eval those of the last step's sync
+        (every step syncs, after a one-step-off rollout in flight has finished; a run resumed at
+        its last step: _resume's push), so the final student's."""
+        from .trainer.eval_plan import eval_plan
+        from .trainer.evaluate import engine_accuracy, greedy_sampling
+        plan = eval_plan(self.cfg)
+        if not self.eval_rows:
             return {}
         inp = self.inputs
         kw = dict(max_new_tokens=self.cfg.rollout.max_new_tokens, eos_id=inp.eos_id,
                   pad_id=inp.pad_id, vocab_size=inp.hf.vocab_size)
-        out = {"student": greedy_accuracy(self.chunks, self.eval_rows, inp.tokenizer, inp.rewards, **kw)}
+        if plan.on_engine:
+            student = engine_accuracy(self.engine, self.engine_collective, self.eval_rows,
+                                      inp.tokenizer, inp.rewards, greedy_sampling(self.sampling))
+        else:  # rollout.engine=local: the in-trainer sampler is the engine
+            student = greedy_accuracy(self.chunks, self.eval_rows, inp.tokenizer, inp.rewards, **kw)
+        out = {"student": student}
+        if teachers and plan.teachers_skipped:
+            if dist.get_rank() == 0:
+                print(f"eval: teacher accuracy is not measured: {plan.teachers_skipped}", flush=True)
+            return out
         for t in self.teachers.teachers if teachers else []:
             t.onload(self.device)
             out[f"teacher:{t.name}"] = greedy_accuracy(t.chunks, self.eval_rows, inp.tokenizer,

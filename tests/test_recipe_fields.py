@@ -940,10 +940,13 @@ def probe_sync(run: Run, cfg):
 
 
 def probe_eval(run: Run, cfg):
-    t, _ = _with_engine(run, cfg)
+    t, engine = _with_engine(run, cfg)
     before = t.evaluate(teachers=True)
     periodic = [s for s in range(1, 401) if t.periodic_eval(s)]
-    return {"before": before, "periodic": periodic, "greedy": run.be.of(kinds=("greedy",))[:3]}
+    # The student's greedy answers come from the engine (trainer/eval_plan.py), the teachers'
+    # from the in-trainer sampler ("greedy").
+    return {"before": before, "periodic": periodic, "engine": engine.calls[:1],
+            "greedy": run.be.of(kinds=("greedy",))[:3]}
 
 
 def probe_checkpoint(run: Run, cfg):

@@ -71,6 +71,13 @@ def test_dry_run_full_70b_layout():
     assert _field(out, "engines").startswith("colocated: 1 SGLang engine(s) per training node "
                                              "(server_tp_size=8), 8 in all")
     assert "64 training GPUs: TP=8 PP=4 DP=2" in out
+    # The held-out eval the run will do, as Trainer.evaluate follows it (trainer/eval_plan.py).
+    assert _field(out, "eval") == (
+        "greedy student (temperature 0, max_new_tokens 6144) on the rollout engine (sglang), "
+        "every 50 steps and before/after training, prompts from data.eval_paths "
+        "[data/math_eval.jsonl, data/code_eval.jsonl]; teachers: not measured (parallel.pp=4: "
+        "teachers are decoded in the trainer, which needs pp = 1, and the rollout engine serves "
+        "only the student)")
     m = re.search(r"^FITS: peak ([\d.]+) of 80.0 GiB$", out, re.M)
     assert m and float(m.group(1)) <= 72.0, out     # the recipe promises >= 8 GiB headroom
 

@@ -24,7 +24,9 @@ class TrainConfig:
                "while training on batch k (needs dedicated or external engines).")
     eval_interval: int = doc(
         0, "Greedy held-out accuracy of the student (data.eval_paths) every this many steps, "
-           "logged as eval/<domain>; 0: only before and after the run. Like those, pp = 1 only.")
+           "right after the step's weight sync, logged as eval/<domain>; 0: only before and after "
+           "the run. Decoded like those: on the rollout engine (any layout), in the trainer with "
+           "rollout.engine=local.")
     cpu_threads: int | None = doc(
         None, "CPU runs only: torch threads of each trainer process; null: torch's default (all "
               "cores). With SGLang servers on the same few cores, 1 each avoids oversubscription.")

@@ -20,6 +20,7 @@ from ..plan.arch import PlanError
 from ..plan.build import describe_build
 from ..plan.cli import engine_nodes, format_plan, inputs_from_config
 from ..plan.memory import Plan, plan_memory
+from ..trainer.eval_plan import eval_plan
 
 
 @dataclass
@@ -159,6 +160,7 @@ def describe(cfg: MOPDConfig, p: Placement, plan: Plan | None, args: argparse.Na
         f"layout     TP={p.tp} PP={p.pp} DP={p.dp}",
         f"master     {p.train_hosts[0]}",
         f"engines    {p.engines}",
+        f"eval       {eval_plan(cfg).describe()}",  # the plan Trainer.evaluate follows
         describe_build(cfg),
     ]
     if plan is None:

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan(cfg, world_size: int) -> str:
+    from .eval_plan import eval_plan
     p, o = cfg.parallel, cfg.optimizer
     dp = p.data_parallel_size(world_size)
     if world_size % (p.tp * p.pp):
@@ -51,12 +52,17 @@ def plan(cfg, world_size: int) -> str:
         f"{cfg.rollout.n_samples_per_prompt} samples = {cfg.rollout_batch_size} sequences per rollout",
         f"{o.steps_per_rollout} optimizer step(s) per rollout x {o.epochs_per_rollout} epoch(s), "
         f"global batch {p.global_batch_size}, "
-        f"{p.global_batch_size // (p.micro_batch_size * dp)} micro-batch(es) of {p.micro_batch_size} per rank",
+        + (f"micro-batches of <= {p.max_tokens_per_microbatch} tokens per rank"
+           f"{', packed' if p.pack_sequences else ''} (sequences dealt to DP ranks by tokens)"
+           if p.max_tokens_per_microbatch is not None else
+           f"{p.global_batch_size // (p.micro_batch_size * dp)} micro-batch(es) of "
+           f"{p.micro_batch_size} per rank"),
         f"rollout: {cfg.rollout.engine} ({cfg.rollout.mode}), async={cfg.train.async_rollout}",
         "teachers: " + ", ".join(f"{t.name} <- {t.domains} ({t.format}: {t.checkpoint})" for t in cfg.teachers),
         f"loss: alpha {cfg.loss.alpha}, {cfg.loss.is_variant} [{cfg.loss.eps_low}, {cfg.loss.eps_high}], "
         f"{cfg.loss.aggregation}",
         f"checkpoints: {cfg.checkpoint.dir} every {cfg.checkpoint.save_interval}, resume={cfg.checkpoint.resume}",
+        f"eval: {eval_plan(cfg).describe()}",  # the plan Trainer.evaluate follows
     ]
     return "\n".join(lines)
 
