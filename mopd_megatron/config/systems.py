@@ -160,8 +160,9 @@ class ParallelConfig:
         None, "Token budget of one micro-batch (student update and teacher scoring); null = "
               "fixed micro-batches of micro_batch_size sequences. Set: each optimizer step's "
               "sequences are dealt to data-parallel ranks by tokens (ranks may hold different "
-              "numbers of sequences) and grouped first-fit-decreasing into micro-batches of at "
-              "most this many tokens (padded rows x longest row, or the packed row's length); "
+              "numbers of sequences) and grouped, longest first, into micro-batches of at most "
+              "this many tokens (padded: runs of similar lengths, rows x longest row; packed: "
+              "first-fit decreasing on the row's length); "
               "micro_batch_size is then unused. A longer sequence gets a micro-batch of its own. "
               "The loss stays the mean over the global batch's sequences (slime: "
               "--use-dynamic-batch-size --max-tokens-per-gpu).")

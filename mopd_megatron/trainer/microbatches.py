@@ -7,9 +7,10 @@ Two groupings (``parallel.max_tokens_per_microbatch``):
   longest sequence (to the rollout batch's longest with PP: one activation shape).
 * token budget: the step's sequences are dealt to DP ranks longest first, each to the rank with
   the fewest tokens so far (ranks then hold different numbers of sequences), and each rank's
-  sequences are put first-fit-decreasing into micro-batches of at most the budget: the sum of
-  lengths when packed (``parallel.pack_sequences``), rows x longest row otherwise. A sequence
-  longer than the budget gets a micro-batch of its own (a sequence is never split).
+  sequences go into micro-batches of at most the budget: first-fit decreasing on the sum of
+  lengths when packed (``parallel.pack_sequences``); padded, runs of similar lengths (longest
+  first) with rows x longest row within the budget. A sequence longer than the budget gets a
+  micro-batch of its own (a sequence is never split).
 
 The MOPD normalisation does not depend on the grouping: the loss of a micro-batch is the sum of
 its sequences' per-sequence means, its count the number of sequences (trainer/objective.py),
@@ -64,23 +65,32 @@ def split_data_parallel(lengths: dict[int, int], indices: list[int], dp: int,
 
 def group_by_tokens(lengths: dict[int, int], indices: list[int], max_tokens: int,
                     packed: bool) -> list[list[int]]:
-    """First-fit decreasing into micro-batches of at most ``max_tokens``: the sum of lengths
-    (packed) or rows x longest row (padded: sorted longest first, a bin's first sequence is its
-    longest). A sequence over the budget is alone in its micro-batch."""
+    """Micro-batches of at most ``max_tokens``; a sequence over the budget is alone in its own.
+
+    packed: first-fit decreasing on the sum of lengths (any lengths share a row, so the bins
+    fill up). padded (rows x longest row): longest first, consecutive sequences while they fit,
+    so that each micro-batch holds similar lengths: first-fit would put short sequences into a
+    bin opened by a long one and pad them all to it."""
+    order = sorted(indices, key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
-    cost: list[int] = []   # packed: tokens; padded: longest row (the bin's first)
-    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
+    if not packed:
+        for i in order:
+            if bins and (len(bins[-1]) + 1) * lengths[bins[-1][0]] <= max_tokens:
+                bins[-1].append(i)
+            else:
+                bins.append([i])
+        return bins
+    used: list[int] = []
+    for i in order:
         n = lengths[i]
         for b, items in enumerate(bins):
-            fits = cost[b] + n <= max_tokens if packed else (len(items) + 1) * cost[b] <= max_tokens
-            if fits:
+            if used[b] + n <= max_tokens:
                 items.append(i)
-                if packed:
-                    cost[b] += n
+                used[b] += n
                 break
         else:
             bins.append([i])
-            cost.append(n)
+            used.append(n)
     return bins
 
 
