@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -28,8 +27,9 @@ from .rollout.engine import SamplingParams
 from .runtime import broadcast_object
 from .trainer import builders
 from .trainer.batch import RolloutBatch
-from .trainer.microbatches import (Batching, fill_from_slots, padded_fraction, per_domain_sums,
-                                   rank_microbatches, rollout_logp_slots, slot_values)
+from .trainer.microbatches import (Batching, Prepared, fill_from_slots, padded_fraction,
+                                   per_domain_sums, rank_microbatches, rollout_logp_slots,
+                                   slot_values)
 from .trainer.evaluate import greedy_accuracy, load_eval_rows
 from .trainer.memory import PhaseMemory, memory_report
 from .trainer.objective import make_mopd_loss_fn, reduce_microbatch_metrics
@@ -37,27 +37,6 @@ from .trainer.preemption import Preempted, StopSignals
 from .trainer.watchdog import PhaseWatchdog
 
 __all__ = ["Trainer", "Prepared"]
-
-
-@dataclass
-class Prepared:
-    """This rank's share of one rollout batch, ready for the loss."""
-
-    steps: list[list[dict]]          # micro-batches of each optimizer step
-    slots: object                    # trainer.microbatches.ResponseSlots of the rank's sequences
-    kl: dict[str, torch.Tensor]      # {domain: [sum(log mu - log pi_dom), tokens]} (last stage)
-    padded: torch.Tensor             # [padding tokens, all tokens] of the micro-batches
-    batch: RolloutBatch | None = None
-    signal: object = None            # teachers.TeacherSignal (last stage)
-
-    def exact_kl(self) -> dict[str, torch.Tensor]:
-        """{domain: [sum of KL_t, tokens]} the loss measured (loss.signal != sampled)."""
-        sig = self.signal
-        if sig is None or sig.kl is None:
-            return {}
-        seen = ~torch.isnan(sig.kl)
-        return per_domain_sums(self.batch, self.slots, torch.where(seen, sig.kl, 0.0)) \
-            if bool(seen.all()) else {}
 
 
 class Trainer:
@@ -215,7 +194,7 @@ class Trainer:
             [(batch.domain(i), t, batch.rows[s.prompt_index].fields)
              for i, (s, t) in enumerate(zip(batch.samples, batch.texts))])
 
-    def finish_rewards(self, batch: RolloutBatch, pending, prep: "Prepared | None" = None) -> None:
+    def finish_rewards(self, batch: RolloutBatch, pending, prep: Prepared | None = None) -> None:
         """Rank 0 waits for the rewards and turns them into GRPO advantages; every rank gets
         both and, with ``prep``, the advantages land in its micro-batches."""
         if pending is not None:
@@ -237,7 +216,7 @@ class Trainer:
         self.finish_rewards(batch, self.start_rewards(batch))
         return batch
 
-    def teacher_scores(self, batch: RolloutBatch) -> "Prepared":
+    def teacher_scores(self, batch: RolloutBatch) -> Prepared:
         """This DP rank's micro-batches for every optimizer step of the rollout batch, with
         ``teacher_logp`` filled on the last pipeline stage (trainer/microbatches.py)."""
         cfg, lay = self.cfg, self.layout
@@ -298,7 +277,7 @@ class Trainer:
                             self.cfg.rollout, step, probe if check else None)
 
     # --- metrics, checkpoints, eval ------------------------------------------------------
-    def metrics(self, batch: RolloutBatch, results, prep: "Prepared", seconds: float) -> dict:
+    def metrics(self, batch: RolloutBatch, results, prep: Prepared, seconds: float) -> dict:
         # kl/<teacher>: the exact KL the loss used when there is one, else the sampled
         # estimate mean(log mu - log pi_dom); kl_sampled/<teacher> keeps the estimate then.
         exact = self.cfg.loss.signal != "sampled"

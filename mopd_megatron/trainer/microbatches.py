@@ -38,7 +38,8 @@ from .batch import RolloutBatch, response_positions
 
 __all__ = ["Batching", "ResponseSlots", "split_data_parallel", "group_by_tokens",
            "build_microbatches", "rank_microbatches", "fill_from_slots", "slot_values",
-           "per_domain_sums", "rollout_logp_slots", "padded_fraction", "pack_microbatches"]
+           "per_domain_sums", "rollout_logp_slots", "padded_fraction", "pack_microbatches",
+           "Prepared"]
 
 
 def seq_len(batch: RolloutBatch, i: int) -> int:
@@ -307,3 +308,24 @@ def pack_microbatches(batch: RolloutBatch, indices: list[int], micro_batch_size:
     ``length`` or to its micro-batch's longest sequence (no response slots)."""
     groups = Batching(micro_batch_size).groups({}, list(indices))
     return build_microbatches(batch, groups, pad_id, length=length, device=device)
+
+
+@dataclass
+class Prepared:
+    """This rank's share of one rollout batch, ready for the loss."""
+
+    steps: list[list[dict]]          # micro-batches of each optimizer step
+    slots: object                    # trainer.microbatches.ResponseSlots of the rank's sequences
+    kl: dict[str, torch.Tensor]      # {domain: [sum(log mu - log pi_dom), tokens]} (last stage)
+    padded: torch.Tensor             # [padding tokens, all tokens] of the micro-batches
+    batch: RolloutBatch | None = None
+    signal: object = None            # teachers.TeacherSignal (last stage)
+
+    def exact_kl(self) -> dict[str, torch.Tensor]:
+        """{domain: [sum of KL_t, tokens]} the loss measured (loss.signal != sampled)."""
+        sig = self.signal
+        if sig is None or sig.kl is None:
+            return {}
+        seen = ~torch.isnan(sig.kl)
+        return per_domain_sums(self.batch, self.slots, torch.where(seen, sig.kl, 0.0)) \
+            if bool(seen.all()) else {}
