@@ -161,8 +161,8 @@ class ParallelConfig:
               "fixed micro-batches of micro_batch_size sequences. Set: each optimizer step's "
               "sequences are dealt to data-parallel ranks by tokens (ranks may hold different "
               "numbers of sequences) and grouped, longest first, into micro-batches of at most "
-              "this many tokens (padded: runs of similar lengths, rows x longest row; packed: "
-              "first-fit decreasing on the row's length); "
+              "this many tokens (padded: runs of lengths within 2x of each other, rows x longest "
+              "row; packed: first-fit decreasing on the row's length); "
               "micro_batch_size is then unused. A longer sequence gets a micro-batch of its own. "
               "The loss stays the mean over the global batch's sequences (slime: "
               "--use-dynamic-batch-size --max-tokens-per-gpu).")

@@ -9,7 +9,7 @@ Two groupings (``parallel.max_tokens_per_microbatch``):
   the fewest tokens so far (ranks then hold different numbers of sequences), and each rank's
   sequences go into micro-batches of at most the budget: first-fit decreasing on the sum of
   lengths when packed (``parallel.pack_sequences``); padded, runs of similar lengths (longest
-  first) with rows x longest row within the budget. A sequence longer than the budget gets a
+  first, none under half the run's longest) with rows x longest row within the budget. A sequence longer than the budget gets a
   micro-batch of its own (a sequence is never split).
 
 The MOPD normalisation does not depend on the grouping: the loss of a micro-batch is the sum of
@@ -69,14 +69,16 @@ def group_by_tokens(lengths: dict[int, int], indices: list[int], max_tokens: int
     """Micro-batches of at most ``max_tokens``; a sequence over the budget is alone in its own.
 
     packed: first-fit decreasing on the sum of lengths (any lengths share a row, so the bins
-    fill up). padded (rows x longest row): longest first, consecutive sequences while they fit,
-    so that each micro-batch holds similar lengths: first-fit would put short sequences into a
-    bin opened by a long one and pad them all to it."""
+    fill up). padded (rows x longest row): longest first, consecutive sequences while they fit
+    and are at least half the micro-batch's longest, so that no row is more than half padding
+    (the budget alone let a 215-token sequence open a micro-batch of 19 rows, 12 of them 51-80
+    tokens long: 22% padding on bench_step's batch at 4096)."""
     order = sorted(indices, key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
     if not packed:
         for i in order:
-            if bins and (len(bins[-1]) + 1) * lengths[bins[-1][0]] <= max_tokens:
+            if bins and (len(bins[-1]) + 1) * lengths[bins[-1][0]] <= max_tokens \
+                    and 2 * lengths[i] >= lengths[bins[-1][0]]:
                 bins[-1].append(i)
             else:
                 bins.append([i])
