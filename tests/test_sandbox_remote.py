@@ -178,7 +178,7 @@ def test_config_errors_name_the_field():
 
 def _recipe(sandbox: dict):
     spec = SimpleNamespace(type="code", params={"sandbox": sandbox})
-    return SimpleNamespace(reward=SimpleNamespace(verifiers={"code": spec}))
+    return SimpleNamespace(reward=SimpleNamespace(verifiers={"code": spec}, workers=4))
 
 
 def test_preflight_names_the_isolation_and_refuses_without_it(fresh, monkeypatch, capsys):

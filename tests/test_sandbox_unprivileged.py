@@ -73,12 +73,14 @@ def _open_up(closed: dict[Path, set[Path]], keep: str) -> list[str]:
     lines = []
     for n, d in enumerate(sorted(closed, key=lambda p: len(p.parts))):
         kids = sorted(closed[d])
+        # a file is bound onto a file, a directory onto a directory
+        make = {kid: "touch" if os.path.isfile(kid) else "mkdir -p" for kid in kids}
         for k, kid in enumerate(kids):
-            lines += [f"mkdir -p {keep}/{n}.{k}",
+            lines += [f"{make[kid]} {keep}/{n}.{k}",
                       f"mount --rbind {shlex.quote(str(kid))} {keep}/{n}.{k}"]
         lines.append(f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(str(d))}")
         for k, kid in enumerate(kids):
-            lines += [f"mkdir -p {shlex.quote(str(kid))}",
+            lines += [f"{make[kid]} {shlex.quote(str(kid))}",
                       f"mount --move {keep}/{n}.{k} {shlex.quote(str(kid))}"]
     return lines
 
@@ -97,7 +99,10 @@ def test_hostile_programs_contained_as_unprivileged_user():
     keep = tempfile.mkdtemp(prefix="mopd-keep-")  # root's: where subtrees wait while rebinding
     try:
         os.chown(home, NOBODY, NOBODY)
-        needed = [os.path.realpath(sys.executable), sys.base_prefix, sys.prefix, str(ROOT)]
+        # The checkout's own entries, not the checkout: a checkout in a directory others cannot
+        # enter (mktemp -d makes it 0700) is itself rebound, entry by entry.
+        needed = [os.path.realpath(sys.executable), sys.base_prefix, sys.prefix,
+                  *(str(ROOT / name) for name in os.listdir(ROOT))]
         report = os.path.join(home, "junit.xml")
         env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
                "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",

@@ -89,7 +89,7 @@ def check_against_reference(rank, world):
         for r, i in enumerate(mb["index"]):
             pos = mb["loss_mask"][r] > 0
             mb["teacher_logp"][r, pos] = teacher[i].float()
-    loss_cfg = SimpleNamespace(eps_low=EPS_LOW, eps_high=EPS_HIGH, aggregation="seq_mean",
+    loss_cfg = SimpleNamespace(signal="sampled", eps_low=EPS_LOW, eps_high=EPS_HIGH, aggregation="seq_mean",
                                is_variant="icepop", tis_cap=2.0, log_entropy=False)
     for c in ddp:
         c.zero_grad_buffer()
