@@ -151,11 +151,15 @@ class ResponseSlots:
             self.offset[i], self.length[i] = total, len(batch.samples[i].token_ids)
             total += self.length[i]
         self.total = total
+        # [total] the rollout-batch index of each slot's sequence: built once, read by the
+        # advantages' fill and both per-domain KL sums of a step
+        self._seq = torch.repeat_interleave(
+            torch.tensor(list(self.offset), dtype=torch.long),
+            torch.tensor([self.length[i] for i in self.offset], dtype=torch.long))
 
     def seq_of_slot(self) -> torch.Tensor:
         """[total] the rollout-batch index of each slot's sequence."""
-        return torch.tensor([i for i in self.offset for _ in range(self.length[i])],
-                            dtype=torch.long)
+        return self._seq
 
 
 def _row(batch: RolloutBatch, i: int) -> list[int]:
