@@ -6,7 +6,7 @@
                teacher term is 0 whatever the rollout engine, synchronous or one step off)
     mopd       A = sg[log pi_dom - log pi_theta] + alpha * A_ORM   (loss.signal=sampled)
     full_vocab the exact reverse KL over the vocabulary + the ORM term (loss.signal=full_vocab)
-    no_orm     A = sg[log pi_dom - log pi_theta]   (loss.alpha = 0)
+    no_orm     the recipe's loss.signal without the ORM term (loss.alpha = 0)
 
 Each (variant, seed) runs in its own process (Megatron state is per process); seed k sets
 train.seed = 1234 + k and data.seed = k. Reported per variant over the seeds: greedy per-domain
@@ -32,7 +32,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = {"orm_only": [], "mopd": ["loss.signal=sampled"],
+# orm_only names the sampled signal: its teacher term is removed through the sampled teacher
+# log-probs (below), which loss.signal=full_vocab (the demo recipe's) does not read.
+VARIANTS = {"orm_only": ["loss.signal=sampled"], "mopd": ["loss.signal=sampled"],
             "full_vocab": ["loss.signal=full_vocab"], "no_orm": ["loss.alpha=0.0"]}
 TARGET = 0.02  # within 2 points of the teacher
 

@@ -143,7 +143,7 @@ PERTURB: dict[str, P] = {
     "rollout.engines_per_node": P(("rollout.engines_per_node=2",), ("engine",),
                                   ctx=COLOCATED),
     "rollout.n_samples_per_prompt": P(("rollout.n_samples_per_prompt=8",), ("rollout",),
-                                      also=("parallel.global_batch_size=256",)),
+                                      also=("parallel.global_batch_size=128",)),
     "rollout.temperature": P(("rollout.temperature=0.7",), ("sampling", "loss", "step")),
     "rollout.max_new_tokens": P(("rollout.max_new_tokens=16",), ("sampling", "eval", "plan")),
     "rollout.concurrency": P(("rollout.concurrency=4",), ("engine",)),
@@ -188,7 +188,8 @@ PERTURB: dict[str, P] = {
     "optimizer.decay_fraction": P(("optimizer.decay_fraction=0.5",), ("student",),
                                   ctx=("optimizer.schedule=wsd",)),
     "optimizer.steps_per_rollout": P(("optimizer.steps_per_rollout=2",), ("student", "step"),
-                                     also=("parallel.global_batch_size=64",)),
+                                     also=("parallel.global_batch_size=32",
+                                           "parallel.micro_batch_size=32")),
     "optimizer.epochs_per_rollout": P(("optimizer.epochs_per_rollout=2",), ("student", "step")),
     "optimizer.distributed_optimizer": P(("optimizer.distributed_optimizer=true",), ("student", "plan")),
     # --- parallel (the layout fields on the 70B recipe: a one-rank trainer cannot take them) ---
@@ -196,8 +197,9 @@ PERTURB: dict[str, P] = {
     "parallel.pp": P(("parallel.pp=2",), ("megatron", "plan", "launch"), "70b"),
     "parallel.vpp": P(("parallel.vpp=2",), ("megatron", "plan"), "70b"),
     "parallel.micro_batch_size": P(("parallel.micro_batch_size=32",), ("step", "plan")),
-    "parallel.global_batch_size": P(("parallel.global_batch_size=64",), ("step", "plan"),
-                                    also=("optimizer.steps_per_rollout=2",)),
+    "parallel.global_batch_size": P(("parallel.global_batch_size=32",), ("step", "plan"),
+                                    also=("optimizer.steps_per_rollout=2",
+                                          "parallel.micro_batch_size=32")),
     "parallel.max_tokens_per_microbatch": P(("parallel.max_tokens_per_microbatch=256",),
                                             ("step", "plan")),
     "parallel.pack_sequences": P(("parallel.pack_sequences=true",), ("step",),
@@ -210,8 +212,9 @@ PERTURB: dict[str, P] = {
     "runtime.phase_warn_minutes": P(("runtime.phase_warn_minutes=5",), ("runtime",)),
     # --- train ---------------------------------------------------------------------------------
     "train.steps": P(("train.steps=100",), ("student", "checkpoint", "logger")),
-    "train.prompts_per_step": P(("train.prompts_per_step=16",), ("rollout",),
-                                also=("parallel.global_batch_size=64",)),
+    "train.prompts_per_step": P(("train.prompts_per_step=8",), ("rollout",),
+                                also=("parallel.global_batch_size=32",
+                                      "parallel.micro_batch_size=32")),
     "train.seed": P(("train.seed=7",), ("runtime",)),
     "train.async_rollout": P(("train.async_rollout=false",), ("rollout",)),
     "train.eval_interval": P(("train.eval_interval=50",), ("eval",)),
@@ -301,14 +304,19 @@ def demo(tmp_path_factory) -> Path:
 
 def tiny_overrides(d: Path) -> list[str]:
     """The tiny recipe pointed at the demo inputs (like tests/train_helpers.py::recipe_overrides),
-    everything else as the recipe ships. Its relative output paths (runs/...) land in the
+    everything else as the recipe ships but the loss signal (below). Its relative output paths (runs/...) land in the
     probe's scratch working directory."""
     return [f"model.hf_config={d}/student/hf", f"model.checkpoint={d}/student/hf",
             f"teachers[0].checkpoint={d}/teacher_caesar/mcore",
             f"teachers[0].hf_config={d}/teacher_caesar/hf",
             f"teachers[1].checkpoint={d}/teacher_reversal/mcore",
             f"teachers[1].hf_config={d}/teacher_reversal/hf",
-            f"data.paths=[{d}/prompts.jsonl]", f"data.eval_paths=[{d}/eval.jsonl]"]
+            f"data.paths=[{d}/prompts.jsonl]", f"data.eval_paths=[{d}/eval.jsonl]",
+            # The probes' fake models are logit tables without an output layer, which
+            # loss.signal=full_vocab (the recipe's) reads teacher hidden states from; that
+            # signal's consumption is proven on real models (tests/test_kl_signal.py,
+            # tests/test_train_layouts.py::test_kl_signal_*).
+            "loss.signal=sampled"]
 
 
 def load(demo: Path, recipe: str, overrides=()):
