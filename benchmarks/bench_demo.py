@@ -17,6 +17,7 @@ section "## Embedded demo" of benchmarks/RESULTS.md.
 
     python benchmarks/bench_demo.py [--recipe R] [--set a.b=c ...] [--seeds 3]
                                     [--variants orm_only,mopd,full_vocab] [--no-write]
+                                    [--keep DIR]
 
 The budget is the recipe's; change it with --set (e.g. --set train.steps=500).
 """
@@ -26,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -168,6 +170,9 @@ def main(argv=None) -> None:
                     help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--seeds", type=int, default=3, help="runs per variant (seed 0..N-1)")
     ap.add_argument("--no-write", action="store_true", help="print the table only")
+    ap.add_argument("--keep", default=None, metavar="DIR",
+                    help="also copy each run's metrics to DIR/<variant>_<seed>.jsonl (the table "
+                         "keeps only steps-to-teacher of the periodic evals)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from mopd_megatron.config import load_recipe
@@ -185,6 +190,10 @@ def main(argv=None) -> None:
             for name in names:
                 r = run_variant(name, args.recipe, list(args.overrides), Path(d), seed)
                 results.setdefault(name, []).append(r)
+                if args.keep:
+                    Path(args.keep).mkdir(parents=True, exist_ok=True)
+                    shutil.copy(Path(d) / f"{name}_{seed}" / "metrics.jsonl",
+                                Path(args.keep) / f"{name}_{seed}.jsonl")
                 print(name, f"seed {seed}", r[0]["after"], f"{r[1]:.0f}s", flush=True)
     engine = cfg.rollout.engine + (", one step off" if cfg.train.async_rollout else "")
     cfg_line = (f"{cfg.train.steps} steps x {cfg.rollout_batch_size} samples, lr {cfg.optimizer.lr}, "
