@@ -52,7 +52,7 @@ def test_tiny_recipe_loads_validates_and_round_trips():
     cfg = load_recipe(TINY)
     cfg.validate(world_size=1, check_paths=False)
     assert cfg.domains == ["caesar", "reversal"]
-    assert cfg.optimizer.lr == pytest.approx(2e-4)  # '2e-4' must be a float, not a string
+    assert cfg.optimizer.lr == pytest.approx(3e-4)  # '3e-4' must be a float, not a string
     assert cfg.teacher_for("reversal").name == "reversal"
     again = config_from_dict(yaml.safe_load(cfg.dump_yaml()))
     assert again == cfg
