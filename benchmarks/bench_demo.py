@@ -185,13 +185,14 @@ def main(argv=None) -> None:
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     results: dict[str, list] = {}
+    if args.keep:
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as d:
         for seed in range(args.seeds):
             for name in names:
                 r = run_variant(name, args.recipe, list(args.overrides), Path(d), seed)
                 results.setdefault(name, []).append(r)
                 if args.keep:
-                    Path(args.keep).mkdir(parents=True, exist_ok=True)
                     shutil.copy(Path(d) / f"{name}_{seed}" / "metrics.jsonl",
                                 Path(args.keep) / f"{name}_{seed}.jsonl")
                 print(name, f"seed {seed}", r[0]["after"], f"{r[1]:.0f}s", flush=True)

@@ -304,8 +304,8 @@ def demo(tmp_path_factory) -> Path:
 
 def tiny_overrides(d: Path) -> list[str]:
     """The tiny recipe pointed at the demo inputs (like tests/train_helpers.py::recipe_overrides),
-    everything else as the recipe ships but the loss signal (below). Its relative output paths (runs/...) land in the
-    probe's scratch working directory."""
+    everything else as the recipe ships but the loss signal (below). Its relative output paths
+    (runs/...) land in the probe's scratch working directory."""
     return [f"model.hf_config={d}/student/hf", f"model.checkpoint={d}/student/hf",
             f"teachers[0].checkpoint={d}/teacher_caesar/mcore",
             f"teachers[0].hf_config={d}/teacher_caesar/hf",
